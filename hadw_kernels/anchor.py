@@ -63,7 +63,8 @@ class DifficultyAnchor:
         process_group: Any = None,
     ) -> None:
         if mode not in ANCHOR_MODES:
-            raise ValueError(f"DifficultyAnchor: unknown mode {mode!r}; choose one of {', '.join(map(repr, ANCHOR_MODES))}")
+            raise ValueError(f"DifficultyAnchor: unknown mode {mode!r}; "
+                             f"choose one of {', '.join(map(repr, ANCHOR_MODES))}")
         for name, v in (("window", window), ("history", history)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"DifficultyAnchor: {name} must be an int >= 1, got {v!r}")
