@@ -1,0 +1,302 @@
+"""The @triton.jit code of the fused HA-DW loss. Private: `hadw_kernels.ops.triton_loss` owns allocation and launch.
+
+Both kernels use a 1-D grid over blocks of BLOCK_R rows (no grid-dimension limit on N) and loop over T in chunks of
+BLOCK_T tokens. Every value is computed in fp32 whatever the input dtype (fp16 / bf16 / fp32), as the reference does.
+
+Forward, per block of rows, in one pass over the tokens:
+- each row loads the G rewards of its own group (from cache; no cross-program dependency) and computes the group mean,
+  std and degenerate flag, A_hat, diff = mean - C, Phi and A = A_hat * Phi (spec §2, §4);
+- per token: the ratio (token level), the clipped surrogate with optional dual clip, the KL estimate, approx_kl and
+  the NaN/Inf counts, all masked and reduced to per-row sums; for GSPO the row sum of the log-ratio gives the
+  sequence ratio after the loop, and the surrogate, being the same for every token of the row, is evaluated once;
+- one row of `partial` per program: the sums of every aggregation numerator and metric over its rows (the launcher
+  reduces these [programs, NUM_SLOTS] partials to the final scalars).
+It also writes, per row, what the backward needs besides the inputs: the aggregation weight w_i (1 / |y_i| for
+seq-mean-token-mean, else 1) and, for GSPO, d pg_i / d log s_i.
+
+Backward, in one launch, recomputes the per-token derivative from logp / old (/ ref) and writes dL/dlogp; for GSPO
+without KL it reads only the mask. No N x T temporaries besides the gradient itself.
+"""
+
+import triton
+import triton.language as tl
+
+# Columns of the forward kernel's `partial` output, in the order the kernel stores them.
+SLOTS = (
+    "loss",  # sum over rows of w_i * sum_t mask * (pg + kl_coef * kl)   (kl only when it is in the loss)
+    "pg",  # sum over rows of w_i * sum_t mask * pg
+    "kl_agg",  # sum over rows of w_i * sum_t mask * kl
+    "n_tokens",  # sum_i |y_i|
+    "n_seqs",  # rows with |y_i| > 0
+    "clip_low",  # valid tokens with A < 0 and rho < 1 - eps_low
+    "clip_high",  # valid tokens with A > 0 and rho > 1 + eps_high
+    "dual",  # valid tokens where the dual clip is active
+    "approx_kl",  # sum of k3(old || new) over valid tokens
+    "kl_tok",  # sum of kl over valid tokens
+    "phi_sum",
+    "phi_min",
+    "phi_max",
+    "adv_abs",  # sum |A_i|
+    "degenerate",  # rows in groups whose rewards are all equal
+    "bad_logp",  # NaN / Inf at valid positions
+    "bad_old",
+    "bad_ref",
+)
+NUM_SLOTS = len(SLOTS)
+
+
+@triton.jit
+def _sign(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _clamp(x, c):
+    return tl.minimum(tl.maximum(x, -c), c)
+
+
+@triton.jit
+def _nonfinite(x):
+    return (x != x) | (tl.abs(x) == float("inf"))
+
+
+@triton.jit
+def _surrogate(ratio, a, ratio_lo, ratio_hi, clip_c, DUAL_CLIP: tl.constexpr):
+    """pg = -min(rho A, clip(rho) A) (+ dual clip), d pg / d log rho (without the log-ratio clamp's gate), and the
+    dual-clip flag as 0/1. The derivative follows torch's autograd of the reference, ties included: where both arms
+    are equal (rho inside the clip range) the gradient is the unclipped arm's; a dual-clip tie gets half."""
+    pg_unclipped = -a * ratio
+    pg_clipped = -a * tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+    pg = tl.maximum(pg_unclipped, pg_clipped)
+    unclipped_active = tl.where(a >= 0, ratio <= ratio_hi, ratio >= ratio_lo)
+    dpg = tl.where(unclipped_active, pg_unclipped, 0.0)
+    dual = tl.zeros_like(pg)
+    if DUAL_CLIP:
+        pg_dual = -a * clip_c
+        neg = a < 0
+        dual = tl.where(neg & (pg > pg_dual), 1.0, 0.0)
+        dpg = tl.where(neg, tl.where(pg < pg_dual, dpg, tl.where(pg == pg_dual, 0.5 * dpg, 0.0)), dpg)
+        pg = tl.where(neg, tl.minimum(pg, pg_dual), pg)
+    return pg, dpg, dual
+
+
+@triton.jit
+def _kl(lp, ref, log_ratio_clamp, KL_EST: tl.constexpr):
+    """KL(policy || ref) estimate per token and its derivative w.r.t. logp. KL_EST: 1 = k1, 2 = k2, 3 = k3."""
+    delta = ref - lp
+    if KL_EST == 1:
+        kl = -delta
+        dkl = tl.zeros_like(lp) + 1.0
+    elif KL_EST == 2:
+        kl = 0.5 * delta * delta
+        dkl = -delta
+    else:
+        dc = _clamp(delta, log_ratio_clamp)
+        e = tl.exp(dc)
+        kl = e - dc - 1.0
+        dkl = tl.where(tl.abs(delta) <= log_ratio_clamp, 1.0 - e, 0.0)
+    return kl, dkl
+
+
+@triton.jit
+def _hadw_fwd_kernel(
+    # data ptrs
+    logp_ptr, old_ptr, ref_ptr, mask_ptr, rewards_ptr, anchor_ptr,
+    adv_ptr, phi_ptr, row_w_ptr, row_dpg_ptr, partial_ptr,
+    # shapes
+    N, T, G,
+    # strides
+    stride_lp_n, stride_lp_t, stride_old_n, stride_old_t, stride_ref_n, stride_ref_t, stride_m_n, stride_m_t,
+    # fp32 scalars
+    ratio_lo, ratio_hi, clip_c, std_eps, lambda_scale, kl_coef, log_ratio_clamp,
+    # switches
+    SEQ_RATIO: tl.constexpr, ROW_MEAN: tl.constexpr, ADV_STD: tl.constexpr, STD_UNBIASED: tl.constexpr,
+    HADW: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
+    KL_EST: tl.constexpr,
+    # blocks
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, NUM_SLOTS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+
+    # -- advantages (spec §2, §4): every row reads its own group's G rewards --------------------------------------
+    g_offs = tl.arange(0, BLOCK_G)
+    g_ok = row_ok[:, None] & (g_offs[None, :] < G)
+    g_idx = (rows64 // G)[:, None] * G + g_offs[None, :]
+    r_grp = tl.load(rewards_ptr + g_idx, mask=g_ok, other=0).to(tl.float32)  # [BLOCK_R, BLOCK_G]
+    mean = tl.sum(r_grp, axis=1) / G
+    centred_grp = tl.where(g_ok, r_grp - mean[:, None], 0.0)
+    if STD_UNBIASED:
+        var = tl.sum(centred_grp * centred_grp, axis=1) / (G - 1)
+    else:
+        var = tl.sum(centred_grp * centred_grp, axis=1) / G
+    std = tl.sqrt(var)
+    # "all rewards equal" decided exactly (max == min), as in the reference
+    degenerate = tl.max(tl.where(g_ok, r_grp, -float("inf")), axis=1) == tl.min(
+        tl.where(g_ok, r_grp, float("inf")), axis=1)
+    r_own = tl.load(rewards_ptr + rows64, mask=row_ok, other=0).to(tl.float32)
+    raw = r_own - mean
+    if ADV_STD:
+        raw = raw / (std + std_eps)
+    raw = tl.where(degenerate, 0.0, raw)
+    if HADW:
+        diff = mean - tl.load(anchor_ptr).to(tl.float32)
+        phi = lambda_scale * tl.exp(-_sign(raw) * _sign(diff) * tl.abs(diff))
+    else:
+        phi = tl.zeros_like(raw) + 1.0
+    a = raw * phi
+    tl.store(adv_ptr + rows64, a, mask=row_ok)
+    tl.store(phi_ptr + rows64, phi, mask=row_ok)
+
+    # -- tokens: one pass, reduced to per-row sums --------------------------------------------------------------
+    n_tok = tl.zeros([BLOCK_R], dtype=tl.float32)
+    pg_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    kl_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    lr_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    akl_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    n_low = tl.zeros([BLOCK_R], dtype=tl.float32)
+    n_high = tl.zeros([BLOCK_R], dtype=tl.float32)
+    n_dual = tl.zeros([BLOCK_R], dtype=tl.float32)
+    bad_lp = tl.zeros([BLOCK_R], dtype=tl.float32)
+    bad_old = tl.zeros([BLOCK_R], dtype=tl.float32)
+    bad_ref = tl.zeros([BLOCK_R], dtype=tl.float32)
+    a_col = a[:, None]
+    for t0 in range(0, T, BLOCK_T):
+        cols = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        inb = row_ok[:, None] & (cols < T)[None, :]
+        mv = tl.load(mask_ptr + rows64[:, None] * stride_m_n + cols[None, :] * stride_m_t, mask=inb, other=0)
+        m = (mv != 0) & inb
+        lp_in = tl.load(logp_ptr + rows64[:, None] * stride_lp_n + cols[None, :] * stride_lp_t, mask=inb,
+                        other=0).to(tl.float32)
+        old_in = tl.load(old_ptr + rows64[:, None] * stride_old_n + cols[None, :] * stride_old_t, mask=inb,
+                         other=0).to(tl.float32)
+        bad_lp += tl.sum(tl.where(m & _nonfinite(lp_in), 1.0, 0.0), axis=1)
+        bad_old += tl.sum(tl.where(m & _nonfinite(old_in), 1.0, 0.0), axis=1)
+        # padding may hold NaN / -inf: zero it before any arithmetic
+        lp = tl.where(m, lp_in, 0.0)
+        lr = lp - tl.where(m, old_in, 0.0)
+        n_tok += tl.sum(tl.where(m, 1.0, 0.0), axis=1)
+        nlr = _clamp(-lr, log_ratio_clamp)
+        akl_sum += tl.sum(tl.where(m, tl.exp(nlr) - nlr - 1.0, 0.0), axis=1)
+        if HAS_REF:
+            ref_in = tl.load(ref_ptr + rows64[:, None] * stride_ref_n + cols[None, :] * stride_ref_t, mask=inb,
+                             other=0).to(tl.float32)
+            bad_ref += tl.sum(tl.where(m & _nonfinite(ref_in), 1.0, 0.0), axis=1)
+            kl, _ = _kl(lp, tl.where(m, ref_in, 0.0), log_ratio_clamp, KL_EST)
+            kl_sum += tl.sum(tl.where(m, kl, 0.0), axis=1)
+        if SEQ_RATIO:
+            lr_sum += tl.sum(lr, axis=1)
+        else:
+            ratio = tl.exp(_clamp(lr, log_ratio_clamp))
+            pg, _, dual = _surrogate(ratio, a_col, ratio_lo, ratio_hi, clip_c, DUAL_CLIP)
+            pg_sum += tl.sum(tl.where(m, pg, 0.0), axis=1)
+            n_low += tl.sum(tl.where(m & (a_col < 0) & (ratio < ratio_lo), 1.0, 0.0), axis=1)
+            n_high += tl.sum(tl.where(m & (a_col > 0) & (ratio > ratio_hi), 1.0, 0.0), axis=1)
+            n_dual += tl.sum(tl.where(m, dual, 0.0), axis=1)
+
+    n_tok_c = tl.maximum(n_tok, 1.0)
+    if SEQ_RATIO:
+        # GSPO: s_i = exp(mean_t log-ratio), one value per row, so the token surrogate is evaluated once per row
+        seq_lr = lr_sum / n_tok_c
+        ratio = tl.exp(_clamp(seq_lr, log_ratio_clamp))
+        pg, dpg, dual = _surrogate(ratio, a, ratio_lo, ratio_hi, clip_c, DUAL_CLIP)
+        pg_sum = n_tok * pg
+        n_low = tl.where((a < 0) & (ratio < ratio_lo), n_tok, 0.0)
+        n_high = tl.where((a > 0) & (ratio > ratio_hi), n_tok, 0.0)
+        n_dual = n_tok * dual
+        tl.store(row_dpg_ptr + rows64, tl.where(tl.abs(seq_lr) <= log_ratio_clamp, dpg, 0.0), mask=row_ok)
+    else:
+        tl.store(row_dpg_ptr + rows64, tl.zeros_like(n_tok), mask=row_ok)
+    loss_row = pg_sum
+    if KL_IN_LOSS:
+        loss_row = pg_sum + kl_coef * kl_sum
+    pg_row = pg_sum
+    kl_row = kl_sum
+    if ROW_MEAN:
+        # seq-mean-token-mean: each row's token sum divided by its length
+        loss_row = loss_row / n_tok_c
+        pg_row = pg_row / n_tok_c
+        kl_row = kl_row / n_tok_c
+        tl.store(row_w_ptr + rows64, 1.0 / n_tok_c, mask=row_ok)
+    else:
+        tl.store(row_w_ptr + rows64, tl.zeros_like(n_tok) + 1.0, mask=row_ok)
+
+    # -- this program's partial sums (rows past N hold no valid token; the per-row values are masked) -----------
+    out = partial_ptr + pid.to(tl.int64) * NUM_SLOTS
+    tl.store(out + 0, tl.sum(loss_row, axis=0))
+    tl.store(out + 1, tl.sum(pg_row, axis=0))
+    tl.store(out + 2, tl.sum(kl_row, axis=0))
+    tl.store(out + 3, tl.sum(n_tok, axis=0))
+    tl.store(out + 4, tl.sum(tl.where(n_tok > 0, 1.0, 0.0), axis=0))
+    tl.store(out + 5, tl.sum(n_low, axis=0))
+    tl.store(out + 6, tl.sum(n_high, axis=0))
+    tl.store(out + 7, tl.sum(n_dual, axis=0))
+    tl.store(out + 8, tl.sum(akl_sum, axis=0))
+    tl.store(out + 9, tl.sum(kl_sum, axis=0))
+    tl.store(out + 10, tl.sum(tl.where(row_ok, phi, 0.0), axis=0))
+    tl.store(out + 11, tl.min(tl.where(row_ok, phi, float("inf")), axis=0))
+    tl.store(out + 12, tl.max(tl.where(row_ok, phi, -float("inf")), axis=0))
+    tl.store(out + 13, tl.sum(tl.where(row_ok, tl.abs(a), 0.0), axis=0))
+    tl.store(out + 14, tl.sum(tl.where(row_ok & degenerate, 1.0, 0.0), axis=0))
+    tl.store(out + 15, tl.sum(bad_lp, axis=0))
+    tl.store(out + 16, tl.sum(bad_old, axis=0))
+    tl.store(out + 17, tl.sum(bad_ref, axis=0))
+
+
+@triton.jit
+def _hadw_bwd_kernel(
+    # data ptrs
+    grad_ptr, logp_ptr, old_ptr, ref_ptr, mask_ptr, adv_ptr, row_w_ptr, row_dpg_ptr, scale_ptr,
+    # shapes
+    N, T,
+    # strides
+    stride_g_n, stride_g_t, stride_lp_n, stride_lp_t, stride_old_n, stride_old_t, stride_ref_n, stride_ref_t,
+    stride_m_n, stride_m_t,
+    # fp32 scalars
+    ratio_lo, ratio_hi, clip_c, kl_coef, log_ratio_clamp,
+    # switches
+    SEQ_RATIO: tl.constexpr, ROW_MEAN: tl.constexpr, DUAL_CLIP: tl.constexpr, KL_IN_LOSS: tl.constexpr,
+    KL_EST: tl.constexpr,
+    # blocks
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    # dL/dtotal (upstream gradient / denominator) times the row's aggregation weight
+    w = tl.zeros([BLOCK_R], dtype=tl.float32) + tl.load(scale_ptr)
+    if ROW_MEAN:
+        w = w * tl.load(row_w_ptr + rows64, mask=row_ok, other=0.0)
+    if SEQ_RATIO:
+        dpg_row = tl.load(row_dpg_ptr + rows64, mask=row_ok, other=0.0)
+    else:
+        a_col = tl.load(adv_ptr + rows64, mask=row_ok, other=0.0)[:, None]
+    for t0 in range(0, T, BLOCK_T):
+        cols = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        inb = row_ok[:, None] & (cols < T)[None, :]
+        mv = tl.load(mask_ptr + rows64[:, None] * stride_m_n + cols[None, :] * stride_m_t, mask=inb, other=0)
+        m = (mv != 0) & inb
+        if SEQ_RATIO:
+            # d(|y_i| pg_i)/dlogp[i, t] = pg_i'(log s_i) * |y_i| * (1 / |y_i|): the same for every token of the row
+            g = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32) + dpg_row[:, None]
+        if KL_IN_LOSS or not SEQ_RATIO:
+            lp = tl.where(m, tl.load(logp_ptr + rows64[:, None] * stride_lp_n + cols[None, :] * stride_lp_t,
+                                     mask=inb, other=0).to(tl.float32), 0.0)
+        if not SEQ_RATIO:
+            old = tl.where(m, tl.load(old_ptr + rows64[:, None] * stride_old_n + cols[None, :] * stride_old_t,
+                                      mask=inb, other=0).to(tl.float32), 0.0)
+            lr = lp - old
+            ratio = tl.exp(_clamp(lr, log_ratio_clamp))
+            _, dpg, _ = _surrogate(ratio, a_col, ratio_lo, ratio_hi, clip_c, DUAL_CLIP)
+            g = tl.where(tl.abs(lr) <= log_ratio_clamp, dpg, 0.0)
+        if KL_IN_LOSS:
+            ref = tl.where(m, tl.load(ref_ptr + rows64[:, None] * stride_ref_n + cols[None, :] * stride_ref_t,
+                                      mask=inb, other=0).to(tl.float32), 0.0)
+            _, dkl = _kl(lp, ref, log_ratio_clamp, KL_EST)
+            g = g + kl_coef * dkl
+        g = tl.where(m, g * w[:, None], 0.0)
+        tl.store(grad_ptr + rows64[:, None] * stride_g_n + cols[None, :] * stride_g_t,
+                 g.to(grad_ptr.dtype.element_ty), mask=inb)
