@@ -446,7 +446,29 @@ def test_lambda_range_and_exact_lambda():
 
 def test_hadw_anchor_at_p_over_corrects_at_paper_lambda():
     # Spec §7: with the anchor at the prompt's accuracy, λ = 1.3 lies above the λ* that makes E[ÂΦ | S, correct]
-    # exact for most p (measured: 17 of 19 p in 0.05..0.95 for G = 8).
+    # exact for most p (measured: all 19 p in 0.05..0.95 for G = 8).
     ps = np.round(np.arange(0.05, 0.951, 0.05), 2)
     over = sum(hadw_expected_advantage(float(p), 8, float(p), 1.3).correct.lambda_exact < 1.3 for p in ps)
     assert over >= 15
+
+
+@pytest.mark.parametrize("adv_norm", ["none", "group_std"])
+def test_hadw_expectation_matches_the_loss_reference(adv_norm):
+    # The theory's Φ must be the loss's Φ: enumerate every group of G = 6 through the package's own
+    # compute_advantages (float64) and weight by the binomial probabilities.
+    torch = pytest.importorskip("torch")
+    reference = pytest.importorskip("hadw_kernels.reference")
+    from hadw_kernels.config import LossConfig
+
+    G, p, anchor, lam = 6, 0.3, 0.45, 1.3
+    groups = [bits for bits in itertools.product((0.0, 1.0), repeat=G) if 0 < sum(bits) < G]
+    rewards = torch.tensor(groups, dtype=torch.float64).reshape(-1)
+    adv = reference.compute_advantages(rewards, G, anchor, LossConfig(adv_norm=adv_norm, lambda_scale=lam))
+    raw = adv.raw.reshape(-1, G)[:, 0].numpy()
+    weighted = adv.advantages.reshape(-1, G)[:, 0].numpy()
+    first = np.array([g[0] for g in groups])
+    w = np.array([p ** sum(g) * (1 - p) ** (G - sum(g)) for g in groups])
+    res = hadw_expected_advantage(p, G, anchor, lam, adv_norm)
+    for row, sel in ((res.correct, first == 1.0), (res.wrong, first == 0.0)):
+        assert row.plain == pytest.approx(np.sum(w[sel] * raw[sel]) / np.sum(w[sel]), abs=1e-10)
+        assert row.hadw == pytest.approx(np.sum(w[sel] * weighted[sel]) / np.sum(w[sel]), abs=1e-10)

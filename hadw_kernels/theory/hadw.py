@@ -78,7 +78,9 @@ class OutcomeExpectation:
             return (0.0, math.inf) if abs(a) < d else None
         lo, hi = sorted(((a - d) / u, (a + d) / u))
         lo = max(lo, 0.0) + 0.0  # + 0.0: no '-0.0' lower end
-        return (lo, hi) if hi > lo else None
+        # When |A| equals the plain error (the pooled rows, where E[Â | S] = 0) and λ·unit points away from A, the
+        # true interval is empty but rounding leaves a sliver (0, 1e-16): treat slivers as empty.
+        return (lo, hi) if hi - lo > 1e-12 * max(1.0, abs(hi)) else None
 
 
 @dataclass(frozen=True)
