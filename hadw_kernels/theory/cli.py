@@ -125,7 +125,7 @@ def hadw_grid(G: int, anchor: str, ps: np.ndarray, lambdas: np.ndarray, adv_norm
 
 
 def cmd_hadw(args: argparse.Namespace) -> int:
-    G, lam = args.G[0] if isinstance(args.G, list) else args.G, args.lambda_scale
+    G, lam = args.G, args.lambda_scale
     where = "anchor C = p (the prompt's own accuracy)" if args.anchor == "p" else f"anchor C = {float(args.anchor)}"
     print(f"G = {G}, {where}, λ = {lam}, adv_norm = {args.adv_norm}. Per outcome of a response, conditional on S:")
     print("  err = E[·] - A; 'helps' if |E[ÂΦ] - A| < |E[Â] - A|; λ-range: every λ that helps (Theorem 3, exact);")
