@@ -61,6 +61,16 @@ def _nonfinite(x):
 
 
 @triton.jit
+def _bf16_rtne(x):
+    """fp32 -> bf16 rounded to nearest even by integer arithmetic. The Triton interpreter's plain cast truncates
+    (a 1-ulp error against torch); the compiled cast rounds correctly, and this costs a few integer ops per element
+    in a memory-bound kernel, so both paths use it and compute the same bits. Inputs here are finite."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _surrogate(ratio, a, ratio_lo, ratio_hi, clip_c, DUAL_CLIP: tl.constexpr):
     """pg = -min(rho A, clip(rho) A) (+ dual clip), d pg / d log rho (without the log-ratio clamp's gate), and the
     dual-clip flag as 0/1. The derivative follows torch's autograd of the reference, ties included: where both arms
@@ -258,7 +268,7 @@ def _hadw_bwd_kernel(
     ratio_lo, ratio_hi, clip_c, kl_coef, log_ratio_clamp,
     # switches
     SEQ_RATIO: tl.constexpr, ROW_MEAN: tl.constexpr, DUAL_CLIP: tl.constexpr, KL_IN_LOSS: tl.constexpr,
-    KL_EST: tl.constexpr,
+    KL_EST: tl.constexpr, GRAD_BF16: tl.constexpr,
     # blocks
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -298,5 +308,7 @@ def _hadw_bwd_kernel(
             _, dkl = _kl(lp, ref, log_ratio_clamp, KL_EST)
             g = g + kl_coef * dkl
         g = tl.where(m, g * w[:, None], 0.0)
+        if GRAD_BF16:
+            g = _bf16_rtne(g)
         tl.store(grad_ptr + rows64[:, None] * stride_g_n + cols[None, :] * stride_g_t,
                  g.to(grad_ptr.dtype.element_ty), mask=inb)

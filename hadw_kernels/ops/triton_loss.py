@@ -183,7 +183,7 @@ def _backward(grad_loss, logprobs, old_logprobs, mask, ref_logprobs, advantages,
         old_logprobs.stride(0), old_logprobs.stride(1), ref.stride(0), ref.stride(1), mask.stride(0), mask.stride(1),
         sc["ratio_lo"], sc["ratio_hi"], sc["clip_c"], sc["kl_coef"], sc["log_ratio_clamp"],
         SEQ_RATIO=sw["SEQ_RATIO"], ROW_MEAN=sw["ROW_MEAN"], DUAL_CLIP=sw["DUAL_CLIP"], KL_IN_LOSS=sw["KL_IN_LOSS"],
-        KL_EST=sw["KL_EST"],
+        KL_EST=sw["KL_EST"], GRAD_BF16=grad.dtype == torch.bfloat16,
         BLOCK_R=block_r, BLOCK_T=block_t, num_warps=num_warps,
     )
     return grad
