@@ -472,3 +472,28 @@ def test_hadw_expectation_matches_the_loss_reference(adv_norm):
     for row, sel in ((res.correct, first == 1.0), (res.wrong, first == 0.0)):
         assert row.plain == pytest.approx(np.sum(w[sel] * raw[sel]) / np.sum(w[sel]), abs=1e-10)
         assert row.hadw == pytest.approx(np.sum(w[sel] * weighted[sel]) / np.sum(w[sel]), abs=1e-10)
+
+
+@pytest.mark.parametrize(("a", "b", "G", "sigma"), [(0.5, 0.5, 4, 0.5), (0.3, 2.0, 8, 0.3)])
+def test_theorem4_singular_density_against_quantile_substitution(a, b, G, sigma):
+    # An independent route for densities that blow up at 0 or 1: substitute t = F(u), so du f(u) = dt and the
+    # integrands are bounded; integrate each against scipy's quad.
+    from scipy.special import betainc
+
+    d = scipy_stats.beta(a, b)
+    mean = a / (a + b)
+
+    def q(u):
+        return d.cdf(min(1.0, u + sigma)) - d.cdf(u)
+
+    def mean_part(t):
+        u = d.ppf(t)
+        qu, up = q(u), min(1.0, u + sigma)
+        return u * qu ** (G - 1) + (G - 1) * mean * (betainc(a + 1, b, up) - betainc(a + 1, b, u)) * qu ** (G - 2)
+
+    opts = dict(points=[d.cdf(1 - sigma)], epsabs=1e-14, epsrel=1e-13, limit=1000)
+    p_non = quad(lambda t: G * q(d.ppf(t)) ** (G - 1), 0, 1, **opts)[0]
+    expected = (mean - quad(mean_part, 0, 1, **opts)[0]) / (1 - p_non)
+    res = continuous_bias(beta_rewards(a, b), G, sigma)
+    assert res.p_nonupdate == pytest.approx(p_non, abs=1e-10)
+    assert res.expected_group_mean == pytest.approx(expected, abs=1e-10)
