@@ -1,0 +1,85 @@
+"""`python -m bench`: the hadw_loss benchmark table, one per device, and a JSON report.
+
+    python -m bench                                   # every available device, default shapes
+    python -m bench --devices cpu --shape 2048 512 8 --modes full --providers naive,reference,compiled
+    python -m bench --devices cuda --dtype bf16 --json $OUT/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from bench.hadw_loss_bench import (
+    DEFAULT_SHAPES,
+    DTYPES,
+    MODES,
+    PROVIDERS,
+    format_table,
+    report,
+    run_device,
+    write_json,
+)
+
+
+def _csv(choices):
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=_csv(("cpu", "cuda")), default=None,
+                   help="comma list; default: cpu, plus cuda when available")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("N", "T", "G"), default=None,
+                   help=f"rows, tokens per row, group size (default per device: {DEFAULT_SHAPES})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="logprobs dtype (default fp32)")
+    p.add_argument("--preset", choices=("grpo", "dapo", "gspo", "dr_grpo"), default="grpo")
+    p.add_argument("--kl", action="store_true", help="add ref_logprobs and kl_coef=0.01 (k3)")
+    p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma list of fwd,bwd,full")
+    p.add_argument("--providers", type=_csv(PROVIDERS), default=list(PROVIDERS),
+                   help="comma list (default all; unavailable ones are listed as skipped)")
+    p.add_argument("--reps", type=int, default=None, help="timed reps, median reported (default CPU 7, CUDA 50)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed reps after the first call (default 2 / 10)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own choice); on a shared machine 1 is steadier")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the report here")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        p.error("--devices cuda: no CUDA device is visible")
+    results = []
+    for dev in devices:
+        device = torch.device(dev)
+        shape = tuple(args.shape) if args.shape else DEFAULT_SHAPES[dev]
+        reps = args.reps or (7 if dev == "cpu" else 50)
+        warmup = args.warmup if args.warmup is not None else (2 if dev == "cpu" else 10)
+        rep = run_device(device, shape, DTYPES[args.dtype], args.preset, args.modes, args.providers, reps, warmup,
+                         memory=not args.no_memory, kl=args.kl, log=lambda s: print(s, file=sys.stderr, flush=True))
+        results.append(rep)
+        print(format_table(rep), flush=True)
+        print(flush=True)
+    data = report(results)
+    print(f"commit {data['commit']}{' (dirty tree)' if data['dirty'] else ''}, torch {data['torch']}, "
+          f"triton {data['triton']}")
+    if args.json:
+        write_json(args.json, data)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""pytest-benchmark suite for `hadw_loss` (run explicitly: `pytest bench`; the default test path is tests/).
+
+CPU (always): naive / naive_compiled / reference / compiled x fwd / bwd / full at ~1M tokens, and the issue's
+target, `hadw_loss`'s default CPU path (the compiled reference) >= 8x the naive eager PyTorch in fwd+bwd, measured
+side by side. GPU (marked `gpu`, skipped without CUDA): the same providers plus triton and liger at >= 16M tokens,
+and the kernel's targets (fwd+bwd >= 85% of copy bandwidth, >= 8x eager, >= 1.5x torch.compile).
+
+Environment: HADW_BENCH_THREADS sets torch's CPU threads; HADW_BENCH_CPU_SHAPE / HADW_BENCH_GPU_SHAPE ("N,T,G")
+change the shapes; HADW_BENCH_MIN_SPEEDUP (default 8) the CPU target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+from bench.__main__ import main as cli_main
+from bench.hadw_loss_bench import (
+    DEFAULT_SHAPES,
+    MODES,
+    ModeRunner,
+    bytes_moved,
+    copy_bandwidth,
+    loadavg,
+    make_inputs,
+    naive_hadw_loss,
+    peak_memory,
+    providers,
+    time_interleaved,
+)
+from hadw_kernels import hadw_loss
+
+
+def _shape(var: str, device: str) -> tuple[int, int, int]:
+    text = os.environ.get(var)
+    return tuple(int(x) for x in text.split(",")) if text else DEFAULT_SHAPES[device]
+
+
+CPU_SHAPE = _shape("HADW_BENCH_CPU_SHAPE", "cpu")
+GPU_SHAPE = _shape("HADW_BENCH_GPU_SHAPE", "cuda")
+if os.environ.get("HADW_BENCH_THREADS"):  # on a shared machine 1 thread is steadier (see bench/RESULTS.md)
+    torch.set_num_threads(int(os.environ["HADW_BENCH_THREADS"]))
+CPU_ROUNDS = 7
+GPU_ROUNDS = 50
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cpu_inputs():
+    return make_inputs(*CPU_SHAPE, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gpu_inputs():
+    return make_inputs(*GPU_SHAPE, device="cuda")
+
+
+def _bench(benchmark, inp, provider: str, mode: str, device: torch.device, rounds: int) -> None:
+    prov = providers()[provider]
+    why = prov.available(device)
+    if why is not None:
+        pytest.skip(f"{provider}: {why}")
+    runner = ModeRunner(prov, inp, mode)
+    runner.setup()
+    runner()  # first call outside the timing: torch.compile / Triton compile and autotune
+    n, t, g = inp.shape
+    benchmark.group = f"hadw_loss {device.type} {mode} N={n} T={t} G={g}"
+    benchmark.extra_info.update(provider=provider, mode=mode, tokens=n * t, bytes=bytes_moved(inp, mode, provider))
+    # setup runs before every round, untimed: clears the gradient (and records the forward for mode bwd)
+    benchmark.pedantic(runner, setup=runner.setup, rounds=rounds, warmup_rounds=1, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["GBps"] = benchmark.extra_info["bytes"] / median / 1e9
+    if device.type == "cuda":
+        benchmark.extra_info["peak_mem_bytes"] = peak_memory(runner, device)
+    runner.close()
+
+
+# -- CPU ----------------------------------------------------------------------------------------------------------
+def test_naive_matches_reference():
+    """The baseline is honest: the naive code computes the same loss and gradient as the library, every preset."""
+    for preset in ("grpo", "dapo", "gspo", "dr_grpo"):
+        for kl in (False, True):
+            inp = make_inputs(48, 37, 8, preset=preset, kl=kl, seed=3)
+            args = (inp.logprobs, inp.old_logprobs, inp.rewards, inp.mask, inp.group_size)
+            naive, _ = naive_hadw_loss(*args, inp.anchor, inp.config, inp.ref_logprobs)
+            (g_naive,) = torch.autograd.grad(naive, inp.logprobs)
+            ref = hadw_loss(*args, anchor=inp.anchor, config=inp.config, ref_logprobs=inp.ref_logprobs,
+                            backend="torch").loss
+            (g_ref,) = torch.autograd.grad(ref, inp.logprobs)
+            torch.testing.assert_close(naive, ref, rtol=1e-5, atol=1e-6, msg=f"{preset} kl={kl}")
+            torch.testing.assert_close(g_naive, g_ref, rtol=1e-4, atol=1e-9, msg=f"{preset} kl={kl}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["naive", "naive_compiled", "reference", "compiled"])
+def test_cpu(benchmark, cpu_inputs, provider, mode):
+    _bench(benchmark, cpu_inputs, provider, mode, torch.device("cpu"), CPU_ROUNDS)
+
+
+def test_cpu_speedup_vs_naive(benchmark, cpu_inputs):
+    """Issue target: hadw_loss's default CPU path (backend='auto' = the compiled reference) >= 8x the naive eager
+    PyTorch for fwd+bwd at ~1M tokens, the two measured side by side (rep by rep, alternating) in this run."""
+    device = torch.device("cpu")
+    prov = providers()
+    runners = {name: ModeRunner(prov[name], cpu_inputs, "full") for name in ("naive", "reference", "compiled")}
+    times = time_interleaved(runners, device, reps=15, warmup=2)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    speedup = med["naive"] / med["compiled"]
+    benchmark.group = "hadw_loss cpu speed-up vs naive (full)"
+    benchmark.extra_info.update({f"median_ms_{k}": v * 1e3 for k, v in med.items()})
+    benchmark.extra_info.update(speedup_compiled_vs_naive=speedup,
+                                speedup_reference_vs_naive=med["naive"] / med["reference"],
+                                torch_threads=torch.get_num_threads(), loadavg=loadavg())
+    runner = runners["compiled"]
+    benchmark.pedantic(runner, setup=runner.setup, rounds=3, warmup_rounds=0, iterations=1)
+    target = float(os.environ.get("HADW_BENCH_MIN_SPEEDUP", "8"))
+    summary = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
+    assert speedup >= target, f"compiled is {speedup:.2f}x naive (target {target}x): {summary}"
+
+
+def test_cli_smoke(tmp_path, capsys):
+    """`python -m bench` end to end at a tiny shape: the table prints and the JSON carries device and commit."""
+    path = tmp_path / "bench.json"
+    assert cli_main(["--devices", "cpu", "--shape", "32", "16", "8", "--providers", "naive,reference,triton",
+                     "--reps", "2", "--warmup", "0", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "x naive" in out and "skipped: CUDA only" in out
+    data = json.loads(path.read_text())
+    assert data["commit"] and data["torch"] == torch.__version__
+    dev = data["devices"][0]
+    assert dev["device_type"] == "cpu" and dev["copy_bandwidth_GBps"] > 0
+    timed = [r for r in dev["rows"] if r["time_ms"] is not None]
+    assert {(r["provider"], r["mode"]) for r in timed} == {(p, m) for p in ("naive", "reference") for m in MODES}
+    assert all(r["bytes"] > 0 and r["gbps"] > 0 for r in timed)
+
+
+# -- GPU ----------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["naive", "reference", "compiled", "triton", "liger"])
+def test_gpu(benchmark, gpu_inputs, provider, mode):
+    _bench(benchmark, gpu_inputs, provider, mode, torch.device("cuda"), GPU_ROUNDS)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_targets(benchmark, gpu_inputs):
+    """Issue targets for the fused kernel at >= 16M tokens, fwd+bwd: >= 85% of the measured copy bandwidth,
+    >= 8x the eager reference, >= 1.5x torch.compile of it."""
+    device = torch.device("cuda")
+    prov = providers()
+    why = prov["triton"].available(device)
+    if why is not None:
+        pytest.skip(f"triton: {why}")
+    runners = {name: ModeRunner(prov[name], gpu_inputs, "full") for name in ("reference", "compiled", "triton")}
+    for r in runners.values():
+        r.setup()
+        r()
+    times = time_interleaved(runners, device, reps=30, warmup=5)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    pct = 100 * bytes_moved(gpu_inputs, "full") / med["triton"] / copy_bandwidth(device)
+    vs_eager, vs_compiled = med["reference"] / med["triton"], med["compiled"] / med["triton"]
+    benchmark.group = "hadw_loss cuda targets (full)"
+    benchmark.extra_info.update(pct_copy_bw=pct, speedup_vs_reference=vs_eager, speedup_vs_compiled=vs_compiled,
+                                **{f"median_ms_{k}": v * 1e3 for k, v in med.items()})
+    runner = runners["triton"]
+    benchmark.pedantic(runner, setup=runner.setup, rounds=10, warmup_rounds=1, iterations=1)
+    msg = f"triton full: {pct:.1f}% of copy bandwidth, {vs_eager:.1f}x eager, {vs_compiled:.2f}x compiled"
+    assert pct >= 85 and vs_eager >= 8 and vs_compiled >= 1.5, msg
