@@ -122,20 +122,27 @@ def _check_inputs(logprobs, old_logprobs, rewards, mask, group_size, ref_logprob
     _check_rewards(rewards, group_size, logprobs.shape[0])
 
 
-def _nonfinite_counts(mask: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
-    """Number of NaN/Inf values at valid (masked-in) positions of each tensor; padding may hold anything."""
+def _nonfinite_suspects(mask: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
+    """[3] bool, True where the masked sum of a tensor is not finite: it holds NaN/Inf at a valid position (or the
+    sum overflowed, which the exact count in `hadw_loss` then clears). One add per element, fused into the loss's
+    own pass over the data; an exact isfinite count beside it cost as much as the rest of the compiled loss."""
     m = mask if mask.dtype == torch.bool else mask != 0
-    return torch.stack([
-        (~torch.isfinite(t) & m).sum() if t is not None else torch.zeros((), dtype=torch.int64, device=m.device)
-        for t in tensors
-    ])
+    zero = torch.zeros((), dtype=torch.float32, device=m.device)
+    sums = [torch.where(m, t, zero).sum(dim=1).sum().float() if t is not None else zero for t in tensors]
+    return ~torch.isfinite(torch.stack(sums))
+
+
+def _nonfinite_counts(mask: torch.Tensor, *tensors: torch.Tensor | None) -> list[int]:
+    """Exact number of NaN/Inf values at valid (masked-in) positions of each tensor; padding may hold anything."""
+    m = mask if mask.dtype == torch.bool else mask != 0
+    return [int((~torch.isfinite(t) & m).sum()) if t is not None else 0 for t in tensors]
 
 
 def _terms_and_checks(logprobs, old_logprobs, rewards, mask, group_size, anchor, config, ref_logprobs, normalizer):
-    # The finiteness counts are computed in the same (compiled) graph as the loss: a separate eager pass over the
-    # inputs would cost as much as the compiled loss itself.
+    """(loss, advantages, phi, metrics), suspects [3]: what every backend returns (suspects nonzero where
+    logprobs / old_logprobs / ref_logprobs may hold NaN/Inf at valid positions)."""
     out = loss_terms(logprobs, old_logprobs, rewards, mask, group_size, anchor, config, ref_logprobs, normalizer)
-    return out, _nonfinite_counts(mask, logprobs, old_logprobs, ref_logprobs)
+    return out, _nonfinite_suspects(mask, logprobs, old_logprobs, ref_logprobs)
 
 
 # -- backends -----------------------------------------------------------------------------------------------------
@@ -249,12 +256,13 @@ def hadw_loss(
     norm = _resolve_normalizer(normalizer, device)
 
     args = (logprobs, old_logprobs, rewards, mask, group_size, prior, config, ref_logprobs, norm)
-    (loss, advantages, phi, metrics), bad = _dispatch(backend, device, args)
-    bad = bad.tolist()
-    if any(bad):
-        names = ("logprobs", "old_logprobs", "ref_logprobs")
-        raise ValueError("non-finite values at valid (mask=1) positions: "
-                         + ", ".join(f"{n}: {b} NaN/Inf" for n, b in zip(names, bad, strict=True) if b))
+    (loss, advantages, phi, metrics), suspects = _dispatch(backend, device, args)
+    if bool(suspects.any()):
+        bad = _nonfinite_counts(mask, logprobs.detach(), old_logprobs, ref_logprobs)
+        if any(bad):
+            names = ("logprobs", "old_logprobs", "ref_logprobs")
+            raise ValueError("non-finite values at valid (mask=1) positions: "
+                             + ", ".join(f"{n}: {b} NaN/Inf" for n, b in zip(names, bad, strict=True) if b))
     return LossOutput(loss=loss, advantages=advantages, phi=phi, metrics=metrics)
 
 
