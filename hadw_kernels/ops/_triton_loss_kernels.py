@@ -9,8 +9,9 @@ Forward, per block of rows, in one pass over the tokens:
 - per token: the ratio (token level), the clipped surrogate with optional dual clip, the KL estimate, approx_kl and
   the NaN/Inf counts, all masked and reduced to per-row sums; for GSPO the row sum of the log-ratio gives the
   sequence ratio after the loop, and the surrogate, being the same for every token of the row, is evaluated once;
-- one row of `partial` per program: the sums of every aggregation numerator and metric over its rows (the launcher
-  reduces these [programs, NUM_SLOTS] partials to the final scalars).
+- one row of `partial` per program: the sums of every aggregation numerator and metric over its rows; a one-program
+  finalize kernel reduces these [programs, NUM_SLOTS] partials to the loss and the metrics (one launch instead of
+  the ~30 tiny torch ops the same reduction costs, which on a GPU would take longer than the loss itself).
 It also writes, per row, what the backward needs besides the inputs: the aggregation weight w_i (1 / |y_i| for
 seq-mean-token-mean, else 1) and, for GSPO, d pg_i / d log s_i.
 
@@ -21,28 +22,29 @@ without KL it reads only the mask. No N x T temporaries besides the gradient its
 import triton
 import triton.language as tl
 
-# Columns of the forward kernel's `partial` output, in the order the kernel stores them.
-SLOTS = (
-    "loss",  # sum over rows of w_i * sum_t mask * (pg + kl_coef * kl)   (kl only when it is in the loss)
-    "pg",  # sum over rows of w_i * sum_t mask * pg
-    "kl_agg",  # sum over rows of w_i * sum_t mask * kl
-    "n_tokens",  # sum_i |y_i|
-    "n_seqs",  # rows with |y_i| > 0
-    "clip_low",  # valid tokens with A < 0 and rho < 1 - eps_low
-    "clip_high",  # valid tokens with A > 0 and rho > 1 + eps_high
-    "dual",  # valid tokens where the dual clip is active
-    "approx_kl",  # sum of k3(old || new) over valid tokens
-    "kl_tok",  # sum of kl over valid tokens
-    "phi_sum",
-    "phi_min",
-    "phi_max",
-    "adv_abs",  # sum |A_i|
-    "degenerate",  # rows in groups whose rewards are all equal
-    "bad_logp",  # NaN / Inf at valid positions
-    "bad_old",
-    "bad_ref",
-)
-NUM_SLOTS = len(SLOTS)
+# Columns of the forward kernel's `partial` output [programs, NUM_SLOTS]: sums over each program's rows.
+S_LOSS = tl.constexpr(0)  # sum_i w_i * sum_t mask * (pg + kl_coef * kl)   (kl only when it is in the loss)
+S_PG = tl.constexpr(1)  # sum_i w_i * sum_t mask * pg
+S_KL_AGG = tl.constexpr(2)  # sum_i w_i * sum_t mask * kl
+S_TOKENS = tl.constexpr(3)  # sum_i |y_i|
+S_SEQS = tl.constexpr(4)  # rows with |y_i| > 0
+S_LOW = tl.constexpr(5)  # valid tokens with A < 0 and rho < 1 - eps_low
+S_HIGH = tl.constexpr(6)  # valid tokens with A > 0 and rho > 1 + eps_high
+S_DUAL = tl.constexpr(7)  # valid tokens where the dual clip is active
+S_APPROX_KL = tl.constexpr(8)  # sum of k3(old || new) over valid tokens
+S_KL_TOK = tl.constexpr(9)  # sum of kl over valid tokens
+S_PHI = tl.constexpr(10)  # sum of Phi_i
+S_PHI_MIN = tl.constexpr(11)  # min of Phi_i (a min, not a sum)
+S_PHI_MAX = tl.constexpr(12)  # max of Phi_i
+S_ADV_ABS = tl.constexpr(13)  # sum of |A_i|
+S_DEGENERATE = tl.constexpr(14)  # rows in groups whose rewards are all equal
+S_BAD = tl.constexpr(15)  # 15, 16, 17: NaN / Inf at valid positions of logp, old, ref
+NUM_SLOTS = 18
+
+METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl", "pg_loss", "phi_mean",
+                "phi_min", "phi_max", "adv_abs_mean", "degenerate_group_frac", "response_len_mean", "num_tokens",
+                "num_seqs", "kl", "kl_loss")
+"""The finalize kernel's metrics vector, in the reference's key order; the last two exist only with ref_logprobs."""
 
 
 @triton.jit
@@ -235,30 +237,106 @@ def _hadw_fwd_kernel(
 
     # -- this program's partial sums (rows past N hold no valid token; the per-row values are masked) -----------
     out = partial_ptr + pid.to(tl.int64) * NUM_SLOTS
-    tl.store(out + 0, tl.sum(loss_row, axis=0))
-    tl.store(out + 1, tl.sum(pg_row, axis=0))
-    tl.store(out + 2, tl.sum(kl_row, axis=0))
-    tl.store(out + 3, tl.sum(n_tok, axis=0))
-    tl.store(out + 4, tl.sum(tl.where(n_tok > 0, 1.0, 0.0), axis=0))
-    tl.store(out + 5, tl.sum(n_low, axis=0))
-    tl.store(out + 6, tl.sum(n_high, axis=0))
-    tl.store(out + 7, tl.sum(n_dual, axis=0))
-    tl.store(out + 8, tl.sum(akl_sum, axis=0))
-    tl.store(out + 9, tl.sum(kl_sum, axis=0))
-    tl.store(out + 10, tl.sum(tl.where(row_ok, phi, 0.0), axis=0))
-    tl.store(out + 11, tl.min(tl.where(row_ok, phi, float("inf")), axis=0))
-    tl.store(out + 12, tl.max(tl.where(row_ok, phi, -float("inf")), axis=0))
-    tl.store(out + 13, tl.sum(tl.where(row_ok, tl.abs(a), 0.0), axis=0))
-    tl.store(out + 14, tl.sum(tl.where(row_ok & degenerate, 1.0, 0.0), axis=0))
-    tl.store(out + 15, tl.sum(bad_lp, axis=0))
-    tl.store(out + 16, tl.sum(bad_old, axis=0))
-    tl.store(out + 17, tl.sum(bad_ref, axis=0))
+    tl.store(out + S_LOSS, tl.sum(loss_row, axis=0))
+    tl.store(out + S_PG, tl.sum(pg_row, axis=0))
+    tl.store(out + S_KL_AGG, tl.sum(kl_row, axis=0))
+    tl.store(out + S_TOKENS, tl.sum(n_tok, axis=0))
+    tl.store(out + S_SEQS, tl.sum(tl.where(n_tok > 0, 1.0, 0.0), axis=0))
+    tl.store(out + S_LOW, tl.sum(n_low, axis=0))
+    tl.store(out + S_HIGH, tl.sum(n_high, axis=0))
+    tl.store(out + S_DUAL, tl.sum(n_dual, axis=0))
+    tl.store(out + S_APPROX_KL, tl.sum(akl_sum, axis=0))
+    tl.store(out + S_KL_TOK, tl.sum(kl_sum, axis=0))
+    tl.store(out + S_PHI, tl.sum(tl.where(row_ok, phi, 0.0), axis=0))
+    tl.store(out + S_PHI_MIN, tl.min(tl.where(row_ok, phi, float("inf")), axis=0))
+    tl.store(out + S_PHI_MAX, tl.max(tl.where(row_ok, phi, -float("inf")), axis=0))
+    tl.store(out + S_ADV_ABS, tl.sum(tl.where(row_ok, tl.abs(a), 0.0), axis=0))
+    tl.store(out + S_DEGENERATE, tl.sum(tl.where(row_ok & degenerate, 1.0, 0.0), axis=0))
+    tl.store(out + S_BAD, tl.sum(bad_lp, axis=0))
+    tl.store(out + S_BAD + 1, tl.sum(bad_old, axis=0))
+    tl.store(out + S_BAD + 2, tl.sum(bad_ref, axis=0))
+
+
+@triton.jit
+def _pick(sums, slots, k):
+    return tl.sum(tl.where(slots == k, sums, 0.0), axis=0)
+
+
+@triton.jit
+def _hadw_finalize_kernel(
+    # data ptrs
+    partial_ptr, normalizer_ptr, loss_ptr, metrics_ptr, nonfinite_ptr, denom_ptr,
+    # shapes
+    n_prog, N,
+    # fp32 scalars
+    norm_len,
+    # switches
+    TOKEN_MEAN: tl.constexpr, SUM_NORM: tl.constexpr, HAS_NORMALIZER: tl.constexpr, HAS_REF: tl.constexpr,
+    # blocks
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, NUM_SLOTS: tl.constexpr,
+):
+    """One program: the forward's [n_prog, NUM_SLOTS] partials -> loss, metrics, NaN/Inf counts, denominator.
+    Sums run in float64 (counts stay exact past 2^24 tokens); each result is rounded once to fp32, in the same
+    order of operations as the reference (count.clamp(min=1) -> fp32, total / denom)."""
+    slots = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([BLOCK_P, BLOCK_S], dtype=tl.float64)
+    phi_min = tl.full([BLOCK_P], float("inf"), dtype=tl.float32)
+    phi_max = tl.full([BLOCK_P], -float("inf"), dtype=tl.float32)
+    for p0 in range(0, n_prog, BLOCK_P):
+        progs = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        ok = progs < n_prog
+        tile = tl.load(partial_ptr + progs[:, None] * NUM_SLOTS + slots[None, :],
+                       mask=ok[:, None] & (slots < NUM_SLOTS)[None, :], other=0.0)
+        acc += tile.to(tl.float64)
+        phi_min = tl.minimum(phi_min, tl.load(partial_ptr + progs * NUM_SLOTS + S_PHI_MIN, mask=ok,
+                                              other=float("inf")))
+        phi_max = tl.maximum(phi_max, tl.load(partial_ptr + progs * NUM_SLOTS + S_PHI_MAX, mask=ok,
+                                              other=-float("inf")))
+    sums = tl.sum(acc, axis=0)
+    n_tokens = _pick(sums, slots, S_TOKENS)
+    n_seqs = _pick(sums, slots, S_SEQS)
+    if HAS_NORMALIZER:
+        denom = tl.load(normalizer_ptr).to(tl.float32)
+    elif TOKEN_MEAN:
+        denom = tl.maximum(n_tokens, 1.0).to(tl.float32)
+    else:
+        denom = tl.maximum(n_seqs, 1.0).to(tl.float32)
+    if SUM_NORM:
+        denom = denom * norm_len
+    loss = _pick(sums, slots, S_LOSS).to(tl.float32) / denom
+    per_token = tl.maximum(n_tokens, 1.0).to(tl.float32)
+    low = _pick(sums, slots, S_LOW)
+    high = _pick(sums, slots, S_HIGH)
+    tl.store(loss_ptr, loss)
+    tl.store(denom_ptr, denom)
+    tl.store(metrics_ptr + 0, (low + high).to(tl.float32) / per_token)
+    tl.store(metrics_ptr + 1, low.to(tl.float32) / per_token)
+    tl.store(metrics_ptr + 2, high.to(tl.float32) / per_token)
+    tl.store(metrics_ptr + 3, _pick(sums, slots, S_DUAL).to(tl.float32) / per_token)
+    tl.store(metrics_ptr + 4, _pick(sums, slots, S_APPROX_KL).to(tl.float32) / per_token)
+    if HAS_REF:
+        tl.store(metrics_ptr + 5, _pick(sums, slots, S_PG).to(tl.float32) / denom)
+    else:
+        tl.store(metrics_ptr + 5, loss)
+    tl.store(metrics_ptr + 6, _pick(sums, slots, S_PHI).to(tl.float32) / N)
+    tl.store(metrics_ptr + 7, tl.min(phi_min, axis=0))
+    tl.store(metrics_ptr + 8, tl.max(phi_max, axis=0))
+    tl.store(metrics_ptr + 9, _pick(sums, slots, S_ADV_ABS).to(tl.float32) / N)
+    # degenerate rows / N = degenerate groups / groups: every group has G rows
+    tl.store(metrics_ptr + 10, _pick(sums, slots, S_DEGENERATE).to(tl.float32) / N)
+    tl.store(metrics_ptr + 11, n_tokens.to(tl.float32) / N)
+    tl.store(metrics_ptr + 12, n_tokens.to(tl.float32))
+    tl.store(metrics_ptr + 13, n_seqs.to(tl.float32))
+    tl.store(metrics_ptr + 14, _pick(sums, slots, S_KL_TOK).to(tl.float32) / per_token)
+    tl.store(metrics_ptr + 15, _pick(sums, slots, S_KL_AGG).to(tl.float32) / denom)
+    for j in tl.static_range(3):
+        tl.store(nonfinite_ptr + j, _pick(sums, slots, S_BAD + j).to(tl.int64))
 
 
 @triton.jit
 def _hadw_bwd_kernel(
     # data ptrs
-    grad_ptr, logp_ptr, old_ptr, ref_ptr, mask_ptr, adv_ptr, row_w_ptr, row_dpg_ptr, scale_ptr,
+    grad_ptr, logp_ptr, old_ptr, ref_ptr, mask_ptr, adv_ptr, row_w_ptr, row_dpg_ptr, grad_loss_ptr, denom_ptr,
     # shapes
     N, T,
     # strides
@@ -277,7 +355,8 @@ def _hadw_bwd_kernel(
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     # dL/dtotal (upstream gradient / denominator) times the row's aggregation weight
-    w = tl.zeros([BLOCK_R], dtype=tl.float32) + tl.load(scale_ptr)
+    scale = tl.load(grad_loss_ptr).to(tl.float32) / tl.load(denom_ptr)
+    w = tl.zeros([BLOCK_R], dtype=tl.float32) + scale
     if ROW_MEAN:
         w = w * tl.load(row_w_ptr + rows64, mask=row_ok, other=0.0)
     if SEQ_RATIO:

@@ -2,8 +2,9 @@
 
 Layers (kernels in `_triton_loss_kernels`):
 - `_switches` / `_scalars`: the one place where a `LossConfig` becomes constexpr switches and fp32 scalars;
-- `_forward` / `_backward`: launchers that own allocation, grid and launch settings, and reduce the forward's
-  per-program partial sums to the loss and the metrics (a [programs, 18] tensor, summed in float64);
+- `_forward` / `_backward`: launchers that own allocation, grid and launch settings: the forward is two launches
+  (the fused pass writing per-program partial sums, then a one-program finalize kernel reducing them in float64 to
+  the loss and the metrics), the backward one;
 - `fused_loss` (`torch.ops.hadw_kernels.fused_loss`): the custom op, with a fake implementation and autograd that
   only saves and restores, so `torch.compile` traces callers without graph breaks;
 - `loss_terms_with_checks`: what `hadw_kernels.loss` calls for backend="triton"; returns exactly what the reference
@@ -24,18 +25,19 @@ import torch
 import triton
 
 from hadw_kernels.config import LossConfig
-from hadw_kernels.ops._triton_loss_kernels import NUM_SLOTS, SLOTS, _hadw_bwd_kernel, _hadw_fwd_kernel
+from hadw_kernels.ops._triton_loss_kernels import (
+    METRIC_NAMES,
+    NUM_SLOTS,
+    _hadw_bwd_kernel,
+    _hadw_finalize_kernel,
+    _hadw_fwd_kernel,
+)
 from hadw_kernels.reference import compute_dtype
 
-METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl", "pg_loss", "phi_mean",
-                "phi_min", "phi_max", "adv_abs_mean", "degenerate_group_frac", "response_len_mean", "num_tokens",
-                "num_seqs", "kl", "kl_loss")
-"""Order of the op's metrics vector; the last two are dropped without ref_logprobs (as in the reference)."""
-
 POISON_OUTPUTS = False
-"""Test switch: allocate every kernel output with NaN instead of torch.empty, so an unwritten element fails loudly."""
+"""Test switch: allocate every kernel output with NaN (-1 for integers) instead of torch.empty, so an unwritten
+element fails loudly."""
 
-_S = {name: i for i, name in enumerate(SLOTS)}
 _KL_EST = {"k1": 1, "k2": 2, "k3": 3}
 
 
@@ -45,7 +47,7 @@ def _interpreting() -> bool:
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -133,36 +135,18 @@ def _forward(logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normal
         num_warps=num_warps,
     )
 
-    # -- the tiny second reduction: counts are exact in float64, then everything is rounded once to fp32 ---------
-    sums = partial.sum(dim=0, dtype=torch.float64)
-    f32 = torch.float32
-    n_tokens, n_seqs = sums[_S["n_tokens"]], sums[_S["n_seqs"]]
-    count = n_tokens if config.loss_agg == "token-mean" else n_seqs
-    denom = count.clamp(min=1).to(f32) if normalizer is None else normalizer.to(f32)
-    if config.loss_agg == "seq-mean-token-sum-norm":
-        denom = denom * float(config.norm_len if config.norm_len is not None else T)
-    loss = sums[_S["loss"]].to(f32) / denom
-    per_token = n_tokens.clamp(min=1).to(f32)
-    low, high = sums[_S["clip_low"]].to(f32), sums[_S["clip_high"]].to(f32)
-    metrics = torch.stack([
-        (sums[_S["clip_low"]] + sums[_S["clip_high"]]).to(f32) / per_token,
-        low / per_token,
-        high / per_token,
-        sums[_S["dual"]].to(f32) / per_token,
-        sums[_S["approx_kl"]].to(f32) / per_token,
-        sums[_S["pg"]].to(f32) / denom if has_ref else loss,
-        sums[_S["phi_sum"]].to(f32) / N,
-        partial[:, _S["phi_min"]].amin(),
-        partial[:, _S["phi_max"]].amax(),
-        sums[_S["adv_abs"]].to(f32) / N,
-        sums[_S["degenerate"]].to(f32) / N,  # = degenerate groups / groups: each group has G rows
-        n_tokens.to(f32) / N,
-        n_tokens.to(f32),
-        n_seqs.to(f32),
-        sums[_S["kl_tok"]].to(f32) / per_token,
-        sums[_S["kl_agg"]].to(f32) / denom,
-    ])
-    nonfinite = sums[_S["bad_logp"]:_S["bad_ref"] + 1].round().to(torch.int64)
+    loss = _alloc((), torch.float32, device)
+    denom = _alloc((), torch.float32, device)
+    metrics = _alloc((len(METRIC_NAMES),), torch.float32, device)
+    nonfinite = _alloc((3,), torch.int64, device)
+    _hadw_finalize_kernel[(1,)](
+        partial, normalizer if normalizer is not None else partial, loss, metrics, nonfinite, denom,
+        n_prog, N,
+        float(config.norm_len if config.norm_len is not None else T),
+        TOKEN_MEAN=config.loss_agg == "token-mean", SUM_NORM=config.loss_agg == "seq-mean-token-sum-norm",
+        HAS_NORMALIZER=normalizer is not None, HAS_REF=has_ref,
+        BLOCK_P=16 if _interpreting() else 128, BLOCK_S=triton.next_power_of_2(NUM_SLOTS), NUM_SLOTS=NUM_SLOTS,
+    )
     return loss, advantages, phi, metrics, nonfinite, rows, denom
 
 
@@ -172,12 +156,11 @@ def _backward(grad_loss, logprobs, old_logprobs, mask, ref_logprobs, advantages,
     sw = _switches(config, ref_logprobs is not None, False)
     block_r, block_t, num_warps = _blocks(N, T)
     grad = _alloc((N, T), logprobs.dtype, logprobs.device)
-    scale = (grad_loss.to(torch.float32) / denom).reshape(())
     mask = _mask_arg(mask)
     ref = ref_logprobs if ref_logprobs is not None else logprobs
     sc = _scalars(config)
     _hadw_bwd_kernel[(triton.cdiv(N, block_r),)](
-        grad, logprobs, old_logprobs, ref, mask, advantages, rows[0], rows[1], scale,
+        grad, logprobs, old_logprobs, ref, mask, advantages, rows[0], rows[1], grad_loss, denom,
         N, T,
         grad.stride(0), grad.stride(1), logprobs.stride(0), logprobs.stride(1),
         old_logprobs.stride(0), old_logprobs.stride(1), ref.stride(0), ref.stride(1), mask.stride(0), mask.stride(1),
