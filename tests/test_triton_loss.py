@@ -74,17 +74,15 @@ def make_inputs(P, G, T, *, dtype=torch.float32, seq=False, seed=0, masked_rows=
     off = offsets[torch.arange(N) * 5 % len(offsets)]
     logp = old + off[:, None] + noise * torch.randn(N, T, generator=g)
     rewards = (torch.randint(0, 2, (N,), generator=g) if binary else torch.rand(N, generator=g)).float()
-    for k in range(P):
-        grp = rewards[k * G:(k + 1) * G]
-        if k in equal_groups:
-            grp[:] = grp[0]
-        elif grp.unique().numel() == 1:
-            grp[0] = 1.0 - grp[0]
+    grp = rewards.view(P, G)
+    equal = torch.zeros(P, dtype=torch.bool)
+    equal[list(equal_groups)] = True
+    grp[equal] = grp[equal][:, :1]
+    flip = (grp.amax(dim=1) == grp.amin(dim=1)) & ~equal  # the other groups really are non-degenerate
+    grp[flip, 0] = 1.0 - grp[flip, 0]
     mask = torch.rand(N, T, generator=g) > 0.25
     mask[:, 0] = True
-    for i in masked_rows:
-        if i < N:
-            mask[i] = False
+    mask[[i for i in masked_rows if i < N]] = False
     ref = old + 0.2 * torch.randn(N, T, generator=g) if with_ref else None
     # padding: garbage that would poison the loss if it were read as data
     logp = torch.where(mask, logp, torch.full_like(logp, float("nan")))
