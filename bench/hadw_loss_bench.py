@@ -27,6 +27,7 @@ import ctypes
 import functools
 import gc
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -209,7 +210,7 @@ def _naive(inp: Inputs) -> torch.Tensor:
                            inp.config, inp.ref_logprobs)[0]
 
 
-LIGER_VOCAB = 256  # Liger reads logits [N, T+1, V]; a small V keeps it near our work (see liger_inputs).
+LIGER_VOCAB = 128  # Liger reads logits [N, T+1, V]; a small V keeps it near our work (see liger_inputs).
 
 
 def liger_inputs(inp: Inputs, vocab: int = LIGER_VOCAB) -> dict:
@@ -224,7 +225,7 @@ def liger_inputs(inp: Inputs, vocab: int = LIGER_VOCAB) -> dict:
         ids = torch.randint(0, vocab, (n, t), device=inp.logprobs.device, generator=gen)
         adv = hadw_advantages(inp.rewards, inp.group_size, anchor=inp.anchor, config=inp.config).advantages
         inp.extra["liger"] = dict(logits=logits.to(inp.logprobs.dtype).requires_grad_(True), ids=ids,
-                                  adv=adv.float(), old=inp.old_logprobs.float())
+                                  adv=adv.float(), old=inp.old_logprobs.float(), mask=inp.mask.int())
     return inp.extra["liger"]
 
 
@@ -233,13 +234,16 @@ def _liger(inp: Inputs) -> torch.Tensor:
 
     li = liger_inputs(inp)
     cfg = inp.config
-    out = triton_grpo_loss(logits=li["logits"], old_logp=li["old"], ref_logp=None, completion_ids=li["ids"],
-                           advantages=li["adv"], completion_mask=inp.mask.int(), temperature=1.0, beta=0.0,
-                           eps_low=cfg.clip_low, eps_high=cfg.clip_high, inplace=False)
+    kwargs = dict(logits=li["logits"], old_logp=li["old"], ref_logp=None, completion_ids=li["ids"],
+                  advantages=li["adv"], completion_mask=li["mask"], temperature=1.0, beta=0.0,
+                  eps_low=cfg.clip_low, eps_high=cfg.clip_high, inplace=False)
+    if "reduce" in inspect.signature(triton_grpo_loss).parameters:  # newer Liger: reduction inside, grpo = ours
+        kwargs.update(loss_type="grpo", reduce=True)
+    out = triton_grpo_loss(**kwargs)
     per_token = out[0] if isinstance(out, tuple) else out
     if per_token.dim() == 0:
         return per_token
-    m = inp.mask.to(per_token.dtype)  # seq-mean-token-mean, like the grpo preset
+    m = li["mask"].to(per_token.dtype)  # older Liger returns the per-token loss: seq-mean-token-mean, as grpo
     return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
 
 
@@ -294,8 +298,9 @@ _L2_FLUSH: dict[torch.device, torch.Tensor] = {}
 
 def _flush_cache(device: torch.device) -> None:
     if device.type == "cuda":  # as triton.testing.do_bench: every rep starts with cold L2
-        buf = _L2_FLUSH.setdefault(device, torch.empty(256 * 2**20, dtype=torch.int8, device=device))
-        buf.zero_()
+        if device not in _L2_FLUSH:
+            _L2_FLUSH[device] = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+        _L2_FLUSH[device].zero_()
 
 
 class ModeRunner:
@@ -334,8 +339,10 @@ class ModeRunner:
             leaf.grad = None
 
 
-def time_once(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds for one call of `fn` (on CUDA with events, after an untimed L2 flush)."""
+def time_once(fn: Callable[[], None], device: torch.device) -> tuple[float, float | None]:
+    """(wall seconds, process CPU seconds or None on CUDA) for one call of `fn`; on CUDA timed with events after an
+    untimed L2 flush. The CPU time is the work done by this process's threads, blind to time spent descheduled,
+    so with one torch thread it stays meaningful on a machine shared with other jobs."""
     _flush_cache(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -343,27 +350,32 @@ def time_once(fn: Callable[[], None], device: torch.device) -> float:
         fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+        return start.elapsed_time(end) / 1e3, None
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def time_interleaved(runners: dict[str, ModeRunner], device: torch.device, reps: int, warmup: int
-                     ) -> dict[str, list[float]]:
-    """Seconds per rep for each runner, the providers taking turns rep by rep, so that a change in the machine's
-    load during the run hits all of them alike and their ratios stay meaningful (the CPUs here are shared)."""
+                     ) -> dict[str, list[tuple[float, float | None]]]:
+    """`time_once` per rep for each runner, the providers taking turns rep by rep, so that a change in the
+    machine's load during the run hits all of them alike and their ratios stay meaningful (the CPUs here are
+    shared)."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.setup()
             runner()
     _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    times: dict[str, list[tuple[float, float | None]]] = {name: [] for name in runners}
     for _ in range(reps):
         for name, runner in runners.items():
             runner.setup()
             times[name].append(time_once(runner, device))
     return times
+
+
+def median_wall(samples: list[tuple[float, float | None]]) -> float:
+    return statistics.median(w for w, _ in samples)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 10) -> float:
@@ -373,7 +385,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = [time_once(lambda: dst.copy_(src), device) for _ in range(reps)]
-    return 2 * nbytes / statistics.median(times)
+    return 2 * nbytes / median_wall(times)
 
 
 _LIBC: list = []
@@ -436,6 +448,7 @@ class Row:
     mode: str
     time_ms: float | None = None
     times_ms: list[float] = field(default_factory=list)
+    cpu_ms: float | None = None  # median process CPU time per rep (CPU devices)
     bytes: int | None = None
     gbps: float | None = None
     pct_copy_bw: float | None = None
@@ -515,8 +528,10 @@ def run_device(device: torch.device, shape: tuple[int, int, int], dtype: torch.d
         times = time_interleaved(runners, device, reps, warmup)
         for name, runner in runners.items():
             runner.close()
-            row = Row(name, mode, time_ms=statistics.median(times[name]) * 1e3,
-                      times_ms=[x * 1e3 for x in times[name]], bytes=bytes_moved(inp, mode, name),
+            wall = [w for w, _ in times[name]]
+            cpu = [c for _, c in times[name] if c is not None]
+            row = Row(name, mode, time_ms=statistics.median(wall) * 1e3, times_ms=[x * 1e3 for x in wall],
+                      cpu_ms=statistics.median(cpu) * 1e3 if cpu else None, bytes=bytes_moved(inp, mode, name),
                       first_call_s=ready[name][1])
             row.gbps = row.bytes / (row.time_ms / 1e3) / 1e9
             row.pct_copy_bw = 100.0 * row.bytes / (row.time_ms / 1e3) / copy_bw
@@ -567,26 +582,29 @@ def format_table(rep: dict) -> str:
     head = (f"{rep['device']} | N={s['N']} T={s['T']} G={s['G']} ({s['tokens'] / 1e6:.2f}M tokens) {rep['dtype']} "
             f"preset={rep['preset']}{' +kl' if rep['kl'] else ''} | copy bandwidth {rep['copy_bandwidth_GBps']:.1f} "
             f"GB/s | median of {rep['reps']} reps | load {rep['loadavg_before']} -> {rep['loadavg_after']}")
-    cols = ("provider", "mode", "time ms", "MB moved", "GB/s", "% copy", "x naive", "x ref", "x compiled",
+    cols = ("provider", "mode", "time ms", "cpu ms", "MB moved", "GB/s", "% copy", "x naive", "x ref", "x compiled",
             "peak MB", "note")
-    lines = []
+    lines, skipped = [], {}
     for r in rep["rows"]:
         if r["skipped"]:
-            lines.append((r["provider"], r["mode"], "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped']}"))
+            skipped.setdefault(r["provider"], r["skipped"])
             continue
         note = ""
         if r["compile_s"] is not None and r["mode"] == "full":
             note = f"first call {r['first_call_s']:.1f} s, compile ~{r['compile_s']:.1f} s (excluded)"
         lines.append((
-            r["provider"], r["mode"], _fmt(r["time_ms"], ".2f"), _fmt(r["bytes"] and r["bytes"] / 1e6, ".1f"),
+            r["provider"], r["mode"], _fmt(r["time_ms"], ".2f"), _fmt(r["cpu_ms"], ".2f"),
+            _fmt(r["bytes"] and r["bytes"] / 1e6, ".1f"),
             _fmt(r["gbps"], ".2f"), _fmt(r["pct_copy_bw"], ".1f"), _fmt(r["speedup_vs_naive"], ".2f"),
             _fmt(r["speedup_vs_reference"], ".2f"), _fmt(r["speedup_vs_compiled"], ".2f"),
             _fmt(r["peak_mem_bytes"] and r["peak_mem_bytes"] / 2**20, ".1f"), note,
         ))
     widths = [max(len(c), *(len(x[i]) for x in lines)) for i, c in enumerate(cols)]
-    out = [head, " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    out.append("-|-".join("-" * w for w in widths))
-    out += [" | ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    out = [head, "", "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |"]
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    out += ["| " + " | ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)) + " |" for line in lines]
+    if skipped:
+        out += [""] + [f"{name}: skipped, {why}" for name, why in skipped.items()]
     return "\n".join(out)
 
 
