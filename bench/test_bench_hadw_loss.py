@@ -72,8 +72,8 @@ def _bench(benchmark, inp, provider: str, mode: str, device: torch.device, round
     benchmark.extra_info.update(provider=provider, mode=mode, tokens=n * t, bytes=bytes_moved(inp, mode, provider))
     # setup runs before every round, untimed: clears the gradient (and records the forward for mode bwd)
     benchmark.pedantic(runner, setup=runner.setup, rounds=rounds, warmup_rounds=1, iterations=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info["GBps"] = benchmark.extra_info["bytes"] / median / 1e9
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["GBps"] = benchmark.extra_info["bytes"] / benchmark.stats.stats.median / 1e9
     if device.type == "cuda":
         benchmark.extra_info["peak_mem_bytes"] = peak_memory(runner, device)
     runner.close()
@@ -104,6 +104,9 @@ def test_cpu(benchmark, cpu_inputs, provider, mode):
 def test_cpu_speedup_vs_naive(benchmark, cpu_inputs):
     """Issue target: hadw_loss's default CPU path (backend='auto' = the compiled reference) >= 8x the naive eager
     PyTorch for fwd+bwd at ~1M tokens, the two measured side by side (rep by rep, alternating) in this run."""
+    n, t, _ = cpu_inputs.shape
+    if n * t < 900_000:
+        pytest.skip(f"the target is defined at ~1M tokens; HADW_BENCH_CPU_SHAPE gives {n * t}")
     device = torch.device("cpu")
     prov = providers()
     runners = {name: ModeRunner(prov[name], cpu_inputs, "full") for name in ("naive", "reference", "compiled")}
@@ -128,7 +131,7 @@ def test_cli_smoke(tmp_path, capsys):
     assert cli_main(["--devices", "cpu", "--shape", "32", "16", "8", "--providers", "naive,reference,triton",
                      "--reps", "2", "--warmup", "0", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "x naive" in out and "skipped: CUDA only" in out
+    assert "x naive" in out and "triton: skipped, CUDA only" in out
     data = json.loads(path.read_text())
     assert data["commit"] and data["torch"] == torch.__version__
     dev = data["devices"][0]
