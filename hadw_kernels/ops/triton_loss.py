@@ -57,12 +57,19 @@ def _config_from_json(config_json: str) -> LossConfig:
     return LossConfig(**json.loads(config_json))
 
 
+_CONFIG_JSON: dict[LossConfig, str] = {}
+
+
 @torch.compiler.assume_constant_result
 def _config_to_json(config: LossConfig) -> str:
-    """The custom-op schema has no dataclass type, so the config travels as its JSON (a constant under compile)."""
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+    """The custom-op schema has no dataclass type, so the config travels as its JSON (a constant under compile;
+    cached in a dict because dynamo traces into functools.lru_cache wrappers instead of treating them as opaque)."""
+    if config not in _CONFIG_JSON:
+        _CONFIG_JSON[config] = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    return _CONFIG_JSON[config]
 
 
+@functools.lru_cache(maxsize=256)
 def _switches(config: LossConfig, has_ref: bool, has_anchor: bool) -> dict:
     """Every variant of the loss as a constexpr switch of the kernels."""
     return dict(
@@ -78,6 +85,7 @@ def _switches(config: LossConfig, has_ref: bool, has_anchor: bool) -> dict:
     )
 
 
+@functools.lru_cache(maxsize=64)
 def _scalars(config: LossConfig) -> dict:
     """The float hyperparameters, handed to the kernels as fp32 (bounds computed in double first, as torch does)."""
     return dict(
@@ -246,8 +254,10 @@ fused_loss.register_autograd(_backward_autograd, setup_context=_setup_context)
 # -- what hadw_kernels.loss calls ---------------------------------------------------------------------------------
 def loss_terms_with_checks(logprobs, old_logprobs, rewards, mask, group_size, anchor, config, ref_logprobs=None,
                            normalizer=None):
-    """Same contract as `hadw_kernels.loss._terms_and_checks`: ((loss, advantages [N], phi [N], metrics),
-    nonfinite [3]). anchor / normalizer: None or 0-d float64 tensors on the device. float64 inputs use the reference.
+    """Same contract as `hadw_kernels.loss._terms_and_checks`: ((loss, advantages [N], phi [N], metrics), suspects
+    [3]). Here the suspects are the exact int64 NaN/Inf counts at valid positions of logprobs, old_logprobs and
+    ref_logprobs, counted in the kernel's own pass (nonzero = suspect). anchor / normalizer: None or 0-d float64
+    tensors on the device. float64 inputs are computed by the reference (module docstring).
     """
     if compute_dtype(logprobs, old_logprobs, ref_logprobs) == torch.float64:
         from hadw_kernels.loss import _terms_and_checks
