@@ -218,11 +218,14 @@ def test_log_ratio_clamp_fires():
     assert grad[1, 2] == 0 and grad[5, 3] == 0
 
 
-def test_non_contiguous_inputs_and_mask_dtypes():
+def test_non_contiguous_inputs_mask_and_reward_dtypes():
     batch = make_inputs(3, 4, 16, seed=7)
     base = check_parity(batch, 4, LossConfig.dapo())
     for mask in (batch["mask"].float(), batch["mask"].to(torch.int64), batch["mask"].to(torch.uint8)):
         check_parity({**batch, "mask": mask}, 4, LossConfig.dapo())
+    strided = torch.stack([batch["rewards"], -batch["rewards"]], dim=1)[:, 0]  # stride 2
+    for rewards in (batch["rewards"].bool(), batch["rewards"].to(torch.int64), batch["rewards"].double(), strided):
+        check_parity({**batch, "rewards": rewards}, 4, LossConfig.dapo())
     # transposed storage: strides (1, N)
     t = {k: (v.detach().t().contiguous().t() if isinstance(v, torch.Tensor) and v.dim() == 2 else v)
          for k, v in batch.items()}
