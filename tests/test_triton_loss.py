@@ -150,7 +150,7 @@ SHAPES = {
     "N21-G3-T1": (7, 3, 1),  # odd N, T = 1, two programs
     "N10-G2-T12": (5, 2, 12),
     "N16-G8-T70": (2, 8, 70),  # two T chunks in the interpreter (BLOCK_T = 64)
-    "N32-G16-T9": (2, 16, 9),
+    "N48-G16-T9": (3, 16, 9),  # three row blocks on two programs: the grid-stride loop
 }
 
 
@@ -386,7 +386,8 @@ from triton.backends.compiler import GPUTarget
 from hadw_kernels.ops import _triton_loss_kernels as K
 
 PTR = {"logp_ptr": "*bf16", "old_ptr": "*bf16", "ref_ptr": "*bf16", "grad_ptr": "*bf16", "mask_ptr": "*u8",
-       "rewards_ptr": "*fp32", "anchor_ptr": "*fp64", "normalizer_ptr": "*fp64", "nonfinite_ptr": "*i64"}
+       "rewards_ptr": "*fp32", "anchor_ptr": "*fp64", "normalizer_ptr": "*fp64", "nonfinite_ptr": "*i64",
+       "partial_ptr": "*fp64"}
 
 
 def sig(fn, constexprs):
@@ -405,14 +406,14 @@ def sig(fn, constexprs):
     return out
 
 
-blocks = dict(BLOCK_R=4, BLOCK_T=1024)
+blocks = dict(BLOCK_R=1, BLOCK_T=1024)
 variants = [
     (K._hadw_fwd_kernel, dict(SEQ_RATIO=False, ROW_MEAN=True, ADV_STD=True, STD_UNBIASED=True, HADW=True,
-                              DUAL_CLIP=True, HAS_REF=True, KL_IN_LOSS=True, KL_EST=3, BLOCK_G=8, NUM_SLOTS=18,
-                              **blocks)),
+                              DUAL_CLIP=True, HAS_REF=True, KL_IN_LOSS=True, KL_EST=3, BLOCK_G=8, BLOCK_S=32,
+                              NUM_SLOTS=18, **blocks)),
     (K._hadw_fwd_kernel, dict(SEQ_RATIO=True, ROW_MEAN=False, ADV_STD=False, STD_UNBIASED=False, HADW=False,
-                              DUAL_CLIP=False, HAS_REF=False, KL_IN_LOSS=False, KL_EST=1, BLOCK_G=4, NUM_SLOTS=18,
-                              **blocks)),
+                              DUAL_CLIP=False, HAS_REF=False, KL_IN_LOSS=False, KL_EST=1, BLOCK_G=4, BLOCK_S=32,
+                              NUM_SLOTS=18, **blocks)),
     (K._hadw_bwd_kernel, dict(SEQ_RATIO=False, ROW_MEAN=True, DUAL_CLIP=True, KL_IN_LOSS=True, KL_EST=3,
                               GRAD_BF16=True, **blocks)),
     (K._hadw_bwd_kernel, dict(SEQ_RATIO=True, ROW_MEAN=False, DUAL_CLIP=False, KL_IN_LOSS=True, KL_EST=2,

@@ -9,7 +9,8 @@ Forward, per block of rows, in one pass over the tokens:
 - per token: the ratio (token level), the clipped surrogate with optional dual clip, the KL estimate, approx_kl and
   the NaN/Inf counts, all masked and reduced to per-row sums; for GSPO the row sum of the log-ratio gives the
   sequence ratio after the loop, and the surrogate, being the same for every token of the row, is evaluated once;
-- one row of `partial` per program: the sums of every aggregation numerator and metric over its rows; a one-program
+- a grid-stride loop over row blocks (the grid is bounded to a few programs per SM) and, per program, one float64
+  row of `partial`: the sums of every aggregation numerator and metric over its rows; a one-program
   finalize kernel reduces these [programs, NUM_SLOTS] partials to the loss and the metrics (one launch instead of
   the ~30 tiny torch ops the same reduction costs, which on a GPU would take longer than the loss itself).
 It also writes, per row, what the backward needs besides the inputs: the aggregation weight w_i (1 / |y_i| for
@@ -22,7 +23,7 @@ without KL it reads only the mask. No N x T temporaries besides the gradient its
 import triton
 import triton.language as tl
 
-# Columns of the forward kernel's `partial` output [programs, NUM_SLOTS]: sums over each program's rows.
+# Columns of the forward kernel's float64 `partial` output [programs, NUM_SLOTS]: sums over each program's rows.
 S_LOSS = tl.constexpr(0)  # sum_i w_i * sum_t mask * (pg + kl_coef * kl)   (kl only when it is in the loss)
 S_PG = tl.constexpr(1)  # sum_i w_i * sum_t mask * pg
 S_KL_AGG = tl.constexpr(2)  # sum_i w_i * sum_t mask * kl
@@ -126,135 +127,151 @@ def _hadw_fwd_kernel(
     HADW: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
     KL_EST: tl.constexpr,
     # blocks
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, NUM_SLOTS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
+    # Grid-stride loop over row blocks: the launcher bounds the grid (a few programs per SM), so the partials the
+    # finalize kernel reads stay small whatever N is.
+    slots = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([BLOCK_S], dtype=tl.float64)
+    phi_lo = tl.full([], float("inf"), dtype=tl.float32)
+    phi_hi = tl.full([], -float("inf"), dtype=tl.float32)
+    for block in range(pid, tl.cdiv(N, BLOCK_R), tl.num_programs(0)):
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
 
-    # -- advantages (spec §2, §4): every row reads its own group's G rewards --------------------------------------
-    g_offs = tl.arange(0, BLOCK_G)
-    g_ok = row_ok[:, None] & (g_offs[None, :] < G)
-    g_idx = (rows64 // G)[:, None] * G + g_offs[None, :]
-    r_grp = tl.load(rewards_ptr + g_idx, mask=g_ok, other=0).to(tl.float32)  # [BLOCK_R, BLOCK_G]
-    mean = tl.sum(r_grp, axis=1) / G
-    centred_grp = tl.where(g_ok, r_grp - mean[:, None], 0.0)
-    if STD_UNBIASED:
-        var = tl.sum(centred_grp * centred_grp, axis=1) / (G - 1)
-    else:
-        var = tl.sum(centred_grp * centred_grp, axis=1) / G
-    std = tl.sqrt(var)
-    # "all rewards equal" decided exactly (max == min), as in the reference
-    degenerate = tl.max(tl.where(g_ok, r_grp, -float("inf")), axis=1) == tl.min(
-        tl.where(g_ok, r_grp, float("inf")), axis=1)
-    r_own = tl.load(rewards_ptr + rows64, mask=row_ok, other=0).to(tl.float32)
-    raw = r_own - mean
-    if ADV_STD:
-        raw = raw / (std + std_eps)
-    raw = tl.where(degenerate, 0.0, raw)
-    if HADW:
-        diff = mean - tl.load(anchor_ptr).to(tl.float32)
-        phi = lambda_scale * tl.exp(-_sign(raw) * _sign(diff) * tl.abs(diff))
-    else:
-        phi = tl.zeros_like(raw) + 1.0
-    a = raw * phi
-    tl.store(adv_ptr + rows64, a, mask=row_ok)
-    tl.store(phi_ptr + rows64, phi, mask=row_ok)
-
-    # -- tokens: one pass, reduced to per-row sums --------------------------------------------------------------
-    n_tok = tl.zeros([BLOCK_R], dtype=tl.float32)
-    pg_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    kl_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    lr_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    akl_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    n_low = tl.zeros([BLOCK_R], dtype=tl.float32)
-    n_high = tl.zeros([BLOCK_R], dtype=tl.float32)
-    n_dual = tl.zeros([BLOCK_R], dtype=tl.float32)
-    bad_lp = tl.zeros([BLOCK_R], dtype=tl.float32)
-    bad_old = tl.zeros([BLOCK_R], dtype=tl.float32)
-    bad_ref = tl.zeros([BLOCK_R], dtype=tl.float32)
-    a_col = a[:, None]
-    for t0 in range(0, T, BLOCK_T):
-        cols = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        inb = row_ok[:, None] & (cols < T)[None, :]
-        mv = tl.load(mask_ptr + rows64[:, None] * stride_m_n + cols[None, :] * stride_m_t, mask=inb, other=0)
-        m = (mv != 0) & inb
-        lp_in = tl.load(logp_ptr + rows64[:, None] * stride_lp_n + cols[None, :] * stride_lp_t, mask=inb,
-                        other=0).to(tl.float32)
-        old_in = tl.load(old_ptr + rows64[:, None] * stride_old_n + cols[None, :] * stride_old_t, mask=inb,
-                         other=0).to(tl.float32)
-        bad_lp += tl.sum(tl.where(m & _nonfinite(lp_in), 1.0, 0.0), axis=1)
-        bad_old += tl.sum(tl.where(m & _nonfinite(old_in), 1.0, 0.0), axis=1)
-        # padding may hold NaN / -inf: zero it before any arithmetic
-        lp = tl.where(m, lp_in, 0.0)
-        lr = lp - tl.where(m, old_in, 0.0)
-        n_tok += tl.sum(tl.where(m, 1.0, 0.0), axis=1)
-        nlr = _clamp(-lr, log_ratio_clamp)
-        akl_sum += tl.sum(tl.where(m, tl.exp(nlr) - nlr - 1.0, 0.0), axis=1)
-        if HAS_REF:
-            ref_in = tl.load(ref_ptr + rows64[:, None] * stride_ref_n + cols[None, :] * stride_ref_t, mask=inb,
-                             other=0).to(tl.float32)
-            bad_ref += tl.sum(tl.where(m & _nonfinite(ref_in), 1.0, 0.0), axis=1)
-            kl, _ = _kl(lp, tl.where(m, ref_in, 0.0), log_ratio_clamp, KL_EST)
-            kl_sum += tl.sum(tl.where(m, kl, 0.0), axis=1)
-        if SEQ_RATIO:
-            lr_sum += tl.sum(lr, axis=1)
+        # -- advantages (spec §2, §4): every row reads its own group's G rewards --------------------------------------
+        g_offs = tl.arange(0, BLOCK_G)
+        g_ok = row_ok[:, None] & (g_offs[None, :] < G)
+        g_idx = (rows64 // G)[:, None] * G + g_offs[None, :]
+        r_grp = tl.load(rewards_ptr + g_idx, mask=g_ok, other=0).to(tl.float32)  # [BLOCK_R, BLOCK_G]
+        mean = tl.sum(r_grp, axis=1) / G
+        centred_grp = tl.where(g_ok, r_grp - mean[:, None], 0.0)
+        if STD_UNBIASED:
+            var = tl.sum(centred_grp * centred_grp, axis=1) / (G - 1)
         else:
-            ratio = tl.exp(_clamp(lr, log_ratio_clamp))
-            pg, _, dual = _surrogate(ratio, a_col, ratio_lo, ratio_hi, clip_c, DUAL_CLIP)
-            pg_sum += tl.sum(tl.where(m, pg, 0.0), axis=1)
-            n_low += tl.sum(tl.where(m & (a_col < 0) & (ratio < ratio_lo), 1.0, 0.0), axis=1)
-            n_high += tl.sum(tl.where(m & (a_col > 0) & (ratio > ratio_hi), 1.0, 0.0), axis=1)
-            n_dual += tl.sum(tl.where(m, dual, 0.0), axis=1)
+            var = tl.sum(centred_grp * centred_grp, axis=1) / G
+        std = tl.sqrt(var)
+        # "all rewards equal" decided exactly (max == min), as in the reference
+        degenerate = tl.max(tl.where(g_ok, r_grp, -float("inf")), axis=1) == tl.min(
+            tl.where(g_ok, r_grp, float("inf")), axis=1)
+        r_own = tl.load(rewards_ptr + rows64, mask=row_ok, other=0).to(tl.float32)
+        raw = r_own - mean
+        if ADV_STD:
+            raw = raw / (std + std_eps)
+        raw = tl.where(degenerate, 0.0, raw)
+        if HADW:
+            diff = mean - tl.load(anchor_ptr).to(tl.float32)
+            phi = lambda_scale * tl.exp(-_sign(raw) * _sign(diff) * tl.abs(diff))
+        else:
+            phi = tl.zeros_like(raw) + 1.0
+        a = raw * phi
+        tl.store(adv_ptr + rows64, a, mask=row_ok)
+        tl.store(phi_ptr + rows64, phi, mask=row_ok)
 
-    n_tok_c = tl.maximum(n_tok, 1.0)
-    if SEQ_RATIO:
-        # GSPO: s_i = exp(mean_t log-ratio), one value per row, so the token surrogate is evaluated once per row
-        seq_lr = lr_sum / n_tok_c
-        ratio = tl.exp(_clamp(seq_lr, log_ratio_clamp))
-        pg, dpg, dual = _surrogate(ratio, a, ratio_lo, ratio_hi, clip_c, DUAL_CLIP)
-        pg_sum = n_tok * pg
-        n_low = tl.where((a < 0) & (ratio < ratio_lo), n_tok, 0.0)
-        n_high = tl.where((a > 0) & (ratio > ratio_hi), n_tok, 0.0)
-        n_dual = n_tok * dual
-        tl.store(row_dpg_ptr + rows64, tl.where(tl.abs(seq_lr) <= log_ratio_clamp, dpg, 0.0), mask=row_ok)
-    else:
-        tl.store(row_dpg_ptr + rows64, tl.zeros_like(n_tok), mask=row_ok)
-    loss_row = pg_sum
-    if KL_IN_LOSS:
-        loss_row = pg_sum + kl_coef * kl_sum
-    pg_row = pg_sum
-    kl_row = kl_sum
-    if ROW_MEAN:
-        # seq-mean-token-mean: each row's token sum divided by its length
-        loss_row = loss_row / n_tok_c
-        pg_row = pg_row / n_tok_c
-        kl_row = kl_row / n_tok_c
-        tl.store(row_w_ptr + rows64, 1.0 / n_tok_c, mask=row_ok)
-    else:
-        tl.store(row_w_ptr + rows64, tl.zeros_like(n_tok) + 1.0, mask=row_ok)
+        # -- tokens: one pass, reduced to per-row sums --------------------------------------------------------------
+        n_tok = tl.zeros([BLOCK_R], dtype=tl.float32)
+        pg_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        kl_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        lr_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        akl_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        n_low = tl.zeros([BLOCK_R], dtype=tl.float32)
+        n_high = tl.zeros([BLOCK_R], dtype=tl.float32)
+        n_dual = tl.zeros([BLOCK_R], dtype=tl.float32)
+        bad_lp = tl.zeros([BLOCK_R], dtype=tl.float32)
+        bad_old = tl.zeros([BLOCK_R], dtype=tl.float32)
+        bad_ref = tl.zeros([BLOCK_R], dtype=tl.float32)
+        a_col = a[:, None]
+        for t0 in range(0, T, BLOCK_T):
+            cols = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+            inb = row_ok[:, None] & (cols < T)[None, :]
+            mv = tl.load(mask_ptr + rows64[:, None] * stride_m_n + cols[None, :] * stride_m_t, mask=inb, other=0)
+            m = (mv != 0) & inb
+            lp_in = tl.load(logp_ptr + rows64[:, None] * stride_lp_n + cols[None, :] * stride_lp_t, mask=inb,
+                            other=0).to(tl.float32)
+            old_in = tl.load(old_ptr + rows64[:, None] * stride_old_n + cols[None, :] * stride_old_t, mask=inb,
+                             other=0).to(tl.float32)
+            bad_lp += tl.sum(tl.where(m & _nonfinite(lp_in), 1.0, 0.0), axis=1)
+            bad_old += tl.sum(tl.where(m & _nonfinite(old_in), 1.0, 0.0), axis=1)
+            # padding may hold NaN / -inf: zero it before any arithmetic
+            lp = tl.where(m, lp_in, 0.0)
+            lr = lp - tl.where(m, old_in, 0.0)
+            n_tok += tl.sum(tl.where(m, 1.0, 0.0), axis=1)
+            nlr = _clamp(-lr, log_ratio_clamp)
+            akl_sum += tl.sum(tl.where(m, tl.exp(nlr) - nlr - 1.0, 0.0), axis=1)
+            if HAS_REF:
+                ref_in = tl.load(ref_ptr + rows64[:, None] * stride_ref_n + cols[None, :] * stride_ref_t, mask=inb,
+                                 other=0).to(tl.float32)
+                bad_ref += tl.sum(tl.where(m & _nonfinite(ref_in), 1.0, 0.0), axis=1)
+                kl, _ = _kl(lp, tl.where(m, ref_in, 0.0), log_ratio_clamp, KL_EST)
+                kl_sum += tl.sum(tl.where(m, kl, 0.0), axis=1)
+            if SEQ_RATIO:
+                lr_sum += tl.sum(lr, axis=1)
+            else:
+                ratio = tl.exp(_clamp(lr, log_ratio_clamp))
+                pg, _, dual = _surrogate(ratio, a_col, ratio_lo, ratio_hi, clip_c, DUAL_CLIP)
+                pg_sum += tl.sum(tl.where(m, pg, 0.0), axis=1)
+                n_low += tl.sum(tl.where(m & (a_col < 0) & (ratio < ratio_lo), 1.0, 0.0), axis=1)
+                n_high += tl.sum(tl.where(m & (a_col > 0) & (ratio > ratio_hi), 1.0, 0.0), axis=1)
+                n_dual += tl.sum(tl.where(m, dual, 0.0), axis=1)
 
-    # -- this program's partial sums (rows past N hold no valid token; the per-row values are masked) -----------
-    out = partial_ptr + pid.to(tl.int64) * NUM_SLOTS
-    tl.store(out + S_LOSS, tl.sum(loss_row, axis=0))
-    tl.store(out + S_PG, tl.sum(pg_row, axis=0))
-    tl.store(out + S_KL_AGG, tl.sum(kl_row, axis=0))
-    tl.store(out + S_TOKENS, tl.sum(n_tok, axis=0))
-    tl.store(out + S_SEQS, tl.sum(tl.where(n_tok > 0, 1.0, 0.0), axis=0))
-    tl.store(out + S_LOW, tl.sum(n_low, axis=0))
-    tl.store(out + S_HIGH, tl.sum(n_high, axis=0))
-    tl.store(out + S_DUAL, tl.sum(n_dual, axis=0))
-    tl.store(out + S_APPROX_KL, tl.sum(akl_sum, axis=0))
-    tl.store(out + S_KL_TOK, tl.sum(kl_sum, axis=0))
-    tl.store(out + S_PHI, tl.sum(tl.where(row_ok, phi, 0.0), axis=0))
-    tl.store(out + S_PHI_MIN, tl.min(tl.where(row_ok, phi, float("inf")), axis=0))
-    tl.store(out + S_PHI_MAX, tl.max(tl.where(row_ok, phi, -float("inf")), axis=0))
-    tl.store(out + S_ADV_ABS, tl.sum(tl.where(row_ok, tl.abs(a), 0.0), axis=0))
-    tl.store(out + S_DEGENERATE, tl.sum(tl.where(row_ok & degenerate, 1.0, 0.0), axis=0))
-    tl.store(out + S_BAD, tl.sum(bad_lp, axis=0))
-    tl.store(out + S_BAD + 1, tl.sum(bad_old, axis=0))
-    tl.store(out + S_BAD + 2, tl.sum(bad_ref, axis=0))
+        n_tok_c = tl.maximum(n_tok, 1.0)
+        if SEQ_RATIO:
+            # GSPO: s_i = exp(mean_t log-ratio), one value per row, so the token surrogate is evaluated once per row
+            seq_lr = lr_sum / n_tok_c
+            ratio = tl.exp(_clamp(seq_lr, log_ratio_clamp))
+            pg, dpg, dual = _surrogate(ratio, a, ratio_lo, ratio_hi, clip_c, DUAL_CLIP)
+            pg_sum = n_tok * pg
+            n_low = tl.where((a < 0) & (ratio < ratio_lo), n_tok, 0.0)
+            n_high = tl.where((a > 0) & (ratio > ratio_hi), n_tok, 0.0)
+            n_dual = n_tok * dual
+            tl.store(row_dpg_ptr + rows64, tl.where(tl.abs(seq_lr) <= log_ratio_clamp, dpg, 0.0), mask=row_ok)
+        else:
+            tl.store(row_dpg_ptr + rows64, tl.zeros_like(n_tok), mask=row_ok)
+        loss_row = pg_sum
+        if KL_IN_LOSS:
+            loss_row = pg_sum + kl_coef * kl_sum
+        pg_row = pg_sum
+        kl_row = kl_sum
+        if ROW_MEAN:
+            # seq-mean-token-mean: each row's token sum divided by its length
+            loss_row = loss_row / n_tok_c
+            pg_row = pg_row / n_tok_c
+            kl_row = kl_row / n_tok_c
+            tl.store(row_w_ptr + rows64, 1.0 / n_tok_c, mask=row_ok)
+        else:
+            tl.store(row_w_ptr + rows64, tl.zeros_like(n_tok) + 1.0, mask=row_ok)
+
+        # -- this row block's contribution to the program's sums (rows past N hold no valid token) ----------
+        acc = _put(acc, slots, S_LOSS, loss_row)
+        acc = _put(acc, slots, S_PG, pg_row)
+        acc = _put(acc, slots, S_KL_AGG, kl_row)
+        acc = _put(acc, slots, S_TOKENS, n_tok)
+        acc = _put(acc, slots, S_SEQS, tl.where(n_tok > 0, 1.0, 0.0))
+        acc = _put(acc, slots, S_LOW, n_low)
+        acc = _put(acc, slots, S_HIGH, n_high)
+        acc = _put(acc, slots, S_DUAL, n_dual)
+        acc = _put(acc, slots, S_APPROX_KL, akl_sum)
+        acc = _put(acc, slots, S_KL_TOK, kl_sum)
+        acc = _put(acc, slots, S_PHI, tl.where(row_ok, phi, 0.0))
+        acc = _put(acc, slots, S_ADV_ABS, tl.where(row_ok, tl.abs(a), 0.0))
+        acc = _put(acc, slots, S_DEGENERATE, tl.where(row_ok & degenerate, 1.0, 0.0))
+        acc = _put(acc, slots, S_BAD, bad_lp)
+        acc = _put(acc, slots, S_BAD + 1, bad_old)
+        acc = _put(acc, slots, S_BAD + 2, bad_ref)
+        phi_lo = tl.minimum(phi_lo, tl.min(tl.where(row_ok, phi, float("inf")), axis=0))
+        phi_hi = tl.maximum(phi_hi, tl.max(tl.where(row_ok, phi, -float("inf")), axis=0))
+
+    acc = tl.where(slots == S_PHI_MIN, phi_lo.to(tl.float64), tl.where(slots == S_PHI_MAX, phi_hi.to(tl.float64), acc))
+    tl.store(partial_ptr + pid.to(tl.int64) * NUM_SLOTS + slots, acc, mask=slots < NUM_SLOTS)
+
+
+@triton.jit
+def _put(acc, slots, k, row_values):
+    """acc[k] += sum(row_values), in float64."""
+    return acc + tl.where(slots == k, tl.sum(row_values, axis=0).to(tl.float64), 0.0)
 
 
 @triton.jit
@@ -275,19 +292,19 @@ def _hadw_finalize_kernel(
     # blocks
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, NUM_SLOTS: tl.constexpr,
 ):
-    """One program: the forward's [n_prog, NUM_SLOTS] partials -> loss, metrics, NaN/Inf counts, denominator.
+    """One program: the forward's [n_prog, NUM_SLOTS] float64 partials -> loss, metrics, NaN/Inf counts, denominator.
     Sums run in float64 (counts stay exact past 2^24 tokens); each result is rounded once to fp32, in the same
     order of operations as the reference (count.clamp(min=1) -> fp32, total / denom)."""
     slots = tl.arange(0, BLOCK_S)
     acc = tl.zeros([BLOCK_P, BLOCK_S], dtype=tl.float64)
-    phi_min = tl.full([BLOCK_P], float("inf"), dtype=tl.float32)
-    phi_max = tl.full([BLOCK_P], -float("inf"), dtype=tl.float32)
+    phi_min = tl.full([BLOCK_P], float("inf"), dtype=tl.float64)
+    phi_max = tl.full([BLOCK_P], -float("inf"), dtype=tl.float64)
     for p0 in range(0, n_prog, BLOCK_P):
         progs = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
         ok = progs < n_prog
         tile = tl.load(partial_ptr + progs[:, None] * NUM_SLOTS + slots[None, :],
                        mask=ok[:, None] & (slots < NUM_SLOTS)[None, :], other=0.0)
-        acc += tile.to(tl.float64)
+        acc += tile
         phi_min = tl.minimum(phi_min, tl.load(partial_ptr + progs * NUM_SLOTS + S_PHI_MIN, mask=ok,
                                               other=float("inf")))
         phi_max = tl.maximum(phi_max, tl.load(partial_ptr + progs * NUM_SLOTS + S_PHI_MAX, mask=ok,
@@ -319,8 +336,8 @@ def _hadw_finalize_kernel(
     else:
         tl.store(metrics_ptr + 5, loss)
     tl.store(metrics_ptr + 6, _pick(sums, slots, S_PHI).to(tl.float32) / N)
-    tl.store(metrics_ptr + 7, tl.min(phi_min, axis=0))
-    tl.store(metrics_ptr + 8, tl.max(phi_max, axis=0))
+    tl.store(metrics_ptr + 7, tl.min(phi_min, axis=0).to(tl.float32))
+    tl.store(metrics_ptr + 8, tl.max(phi_max, axis=0).to(tl.float32))
     tl.store(metrics_ptr + 9, _pick(sums, slots, S_ADV_ABS).to(tl.float32) / N)
     # degenerate rows / N = degenerate groups / groups: every group has G rows
     tl.store(metrics_ptr + 10, _pick(sums, slots, S_DEGENERATE).to(tl.float32) / N)
