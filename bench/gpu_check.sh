@@ -37,11 +37,11 @@ if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 1
 fi
 
-step gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider -rs -m gpu tests \
+step gpu_tests 130 "$py" -m pytest -q -p no:cacheprovider -rs -m gpu tests \
     bench/test_bench_hadw_loss.py::test_gpu_targets --benchmark-json="$out/gpu_targets.json"
 step bench_fp32 100 "$py" -m bench --devices cuda --providers naive,reference,compiled,triton,liger \
     --json "$out/bench_cuda_fp32.json"
-step bench_bf16 45 "$py" -m bench --devices cuda --dtype bf16 --modes full --providers naive,reference,compiled,triton \
+step bench_bf16 60 "$py" -m bench --devices cuda --dtype bf16 --modes full --providers naive,reference,compiled,triton \
     --reps 30 --json "$out/bench_cuda_bf16.json"
 echo "gpu_check: exit $status; files in $out"
 exit "$status"
