@@ -53,44 +53,50 @@ def _check_rewards(rewards: Any, group_size: int, n_rows: int | None = None) -> 
     if rewards.shape[0] % group_size:
         raise ValueError(f"N = {rewards.shape[0]} rows is not divisible by group_size = {group_size}; rows of each "
                          f"prompt's group must be contiguous and complete")
-    if rewards.dtype.is_floating_point:
+    if rewards.dtype.is_floating_point and not _compiling():
         bad = int((~torch.isfinite(rewards)).sum())
         if bad:
             raise ValueError(f"rewards has {bad} non-finite value(s) (NaN or Inf) out of {rewards.numel()}")
     return rewards
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces a caller: data-dependent checks (which read values back to Python) are
+    skipped there so that the caller compiles without graph breaks; shape, dtype and device checks remain."""
+    return torch.compiler.is_compiling()
+
+
+def _scalar(value: Any, name: str, device: torch.device, kind: str, positive: bool) -> torch.Tensor:
+    """A validated scalar as a 0-d float64 tensor on `device` (a tensor, so that torch.compile does not recompile
+    for every new value). Under torch.compile a tensor's value is not read back, so only its size is checked."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if _compiling():
+            return value.detach().reshape(()).to(device=device, dtype=torch.float64)
+        value = float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be {'a finite number > 0' if positive else 'finite'}, got {value}")
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
 def _resolve_anchor(anchor: AnchorLike, device: torch.device) -> torch.Tensor | None:
-    """The prior as a 0-d float64 tensor (a tensor, so torch.compile does not recompile for every new value)."""
+    """The prior C_t^- as a 0-d float64 tensor, or None."""
     if anchor is None:
         return None
     if isinstance(anchor, DifficultyAnchor):
         if anchor.value is None:
             raise ValueError("anchor: the DifficultyAnchor has no prior yet; call anchor.step(batch_rewards) first")
         anchor = anchor.value
-    if isinstance(anchor, torch.Tensor):
-        if anchor.numel() != 1:
-            raise ValueError(f"anchor must be a scalar, got a tensor of shape {tuple(anchor.shape)}")
-        anchor = float(anchor.item())
-    if isinstance(anchor, bool) or not isinstance(anchor, (int, float)):
-        raise TypeError(f"anchor must be a float, a DifficultyAnchor or None, got {type(anchor).__name__}")
-    if not math.isfinite(anchor):
-        raise ValueError(f"anchor must be finite, got {anchor}")
-    return torch.tensor(float(anchor), dtype=torch.float64, device=device)
+    return _scalar(anchor, "anchor", device, "a float, a DifficultyAnchor or None", positive=False)
 
 
 def _resolve_normalizer(normalizer: Any, device: torch.device) -> torch.Tensor | None:
     if normalizer is None:
         return None
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a scalar, got a tensor of shape {tuple(normalizer.shape)}")
-        normalizer = float(normalizer.item())
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-        raise TypeError(f"normalizer must be a positive number or None, got {type(normalizer).__name__}")
-    if not math.isfinite(normalizer) or normalizer <= 0:
-        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
-    return torch.tensor(float(normalizer), dtype=torch.float64, device=device)
+    return _scalar(normalizer, "normalizer", device, "a positive number or None", positive=True)
 
 
 def _check_inputs(logprobs, old_logprobs, rewards, mask, group_size, ref_logprobs) -> None:
@@ -158,9 +164,11 @@ def _compile_disabled() -> bool:
     return os.environ.get("HADW_KERNELS_NO_COMPILE", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_available() -> bool:
+    """Whether the kernel module (and so triton) imports."""
     try:
-        import triton  # noqa: F401
+        from hadw_kernels.ops import triton_loss  # noqa: F401
     except ImportError:
         return False
     return True
@@ -177,6 +185,9 @@ def _run_triton(*args):
 
 
 def _dispatch(backend: str, device: torch.device, args: tuple):
+    if _compiling():  # inside a caller's torch.compile: its compiler handles the reference, the kernel is an op
+        use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and _triton_available())
+        return _run_triton(*args) if use_triton else _terms_and_checks(*args)
     if backend == "torch":
         return _terms_and_checks(*args)
     if backend == "triton":
@@ -185,12 +196,7 @@ def _dispatch(backend: str, device: torch.device, args: tuple):
         return _compiled_fn()(*args)
     # auto
     if device.type == "cuda" and _triton_available():
-        try:
-            from hadw_kernels.ops import triton_loss  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            return _run_triton(*args)
+        return _run_triton(*args)
     if _compile_disabled() or _COMPILE_FAILED:
         return _terms_and_checks(*args)
     try:
@@ -257,7 +263,7 @@ def hadw_loss(
 
     args = (logprobs, old_logprobs, rewards, mask, group_size, prior, config, ref_logprobs, norm)
     (loss, advantages, phi, metrics), suspects = _dispatch(backend, device, args)
-    if bool(suspects.any()):
+    if not _compiling() and bool(suspects.any()):
         bad = _nonfinite_counts(mask, logprobs.detach(), old_logprobs, ref_logprobs)
         if any(bad):
             names = ("logprobs", "old_logprobs", "ref_logprobs")

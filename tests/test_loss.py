@@ -356,3 +356,24 @@ def test_compiled_backend_matches_eager():
             assert_close(g, g_eager, rtol=1e-4, atol=1e-9, name=f"{preset}/{backend} grad")
             for k, v in eager.metrics.items():
                 assert out.metrics[k].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.slow
+def test_caller_compiles_without_graph_breaks():
+    """A training step that calls hadw_loss compiles with fullgraph=True (the data-dependent NaN checks step aside
+    while tracing) and matches eager, gradient included. Anchor and normalizer as tensors: no recompiles."""
+    batch = make_batch(seed=18, dtype=torch.float32, masked_rows=(1,))
+    anchor, norm = torch.tensor(0.4), torch.tensor(40.0)
+
+    def step(lp):
+        out = hadw_loss(lp, batch["old_logprobs"], batch["rewards"], batch["mask"], 4, anchor=anchor,
+                        config=LossConfig.dapo(), normalizer=norm)
+        return out.loss * 2.0, out.metrics["clipfrac"]
+
+    eager = step(batch["logprobs"])
+    (g_eager,) = torch.autograd.grad(eager[0], batch["logprobs"])
+    compiled = torch.compile(step, fullgraph=True)(batch["logprobs"])
+    (g_comp,) = torch.autograd.grad(compiled[0], batch["logprobs"])
+    assert compiled[0].item() == pytest.approx(eager[0].item(), rel=1e-6)
+    assert compiled[1].item() == pytest.approx(eager[1].item(), rel=1e-6)
+    assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-9)

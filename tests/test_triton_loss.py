@@ -300,6 +300,26 @@ def test_custom_op_under_torch_compile_fullgraph():
     assert torch.equal(g_got, g_want)
 
 
+def test_hadw_loss_caller_compiles_fullgraph_with_triton_backend():
+    """The public function, not only the op: a caller of hadw_loss(backend="triton") traces without graph breaks
+    (validation that reads values back steps aside while tracing) and equals eager. The config is built inside the
+    traced function: it must reach the kernel as DAPO, not as the default config (a bug this caught)."""
+    torch._dynamo.reset()
+    batch = make_inputs(2, 4, 9, seed=14)
+    anchor, norm = torch.tensor(0.4), torch.tensor(30.0)
+
+    def step(logp):
+        out = hadw_loss(logp, batch["old_logprobs"], batch["rewards"], batch["mask"], 4, anchor=anchor,
+                        config=LossConfig.dapo(), normalizer=norm, backend="triton")
+        return 2.0 * out.loss, out.metrics["clipfrac_high"]
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(batch["logprobs"])
+    want = step(batch["logprobs"])
+    (g_got,) = torch.autograd.grad(got[0], batch["logprobs"])
+    (g_want,) = torch.autograd.grad(want[0], batch["logprobs"])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(g_got, g_want)
+
+
 def test_opcheck():
     """torch.library's own checks of the schema, the fake implementation and the autograd registration."""
     batch = make_inputs(2, 2, 3, seed=13, masked_rows=())

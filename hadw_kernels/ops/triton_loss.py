@@ -57,16 +57,26 @@ def _config_from_json(config_json: str) -> LossConfig:
     return LossConfig(**json.loads(config_json))
 
 
-_CONFIG_JSON: dict[LossConfig, str] = {}
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LossConfig))
 
 
-@torch.compiler.assume_constant_result
 def _config_to_json(config: LossConfig) -> str:
-    """The custom-op schema has no dataclass type, so the config travels as its JSON (a constant under compile;
-    cached in a dict because dynamo traces into functools.lru_cache wrappers instead of treating them as opaque)."""
-    if config not in _CONFIG_JSON:
-        _CONFIG_JSON[config] = json.dumps(dataclasses.asdict(config), sort_keys=True)
-    return _CONFIG_JSON[config]
+    """The custom-op schema has no dataclass type, so the config travels as JSON. It is built with plain string
+    operations, which dynamo folds to a constant even for a config created inside the traced function (an
+    `assume_constant_result` version silently saw the default config there)."""
+    parts = []
+    for name in _CONFIG_FIELDS:
+        value = getattr(config, name)
+        if value is None:
+            text = "null"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value + '"'
+        else:
+            text = repr(value)
+        parts.append('"' + name + '": ' + text)
+    return "{" + ", ".join(parts) + "}"
 
 
 @functools.lru_cache(maxsize=256)
