@@ -567,6 +567,7 @@ def run_device(device: torch.device, shape: tuple[int, int, int], dtype: torch.d
         "kl": kl,
         "reps": reps,
         "warmup": warmup,
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "copy_bandwidth_GBps": copy_bw / 1e9,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
