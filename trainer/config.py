@@ -1,0 +1,407 @@
+"""Job configuration: one small dataclass per component, validated, and `--set a.b=v` overrides.
+
+A `JobConfig` is built by a named recipe (`hadw_trainer.recipes`) and then overridden field by field:
+
+    >>> cfg = get_recipe("tiny-arith")
+    >>> cfg = apply_overrides(cfg, ["algo.lambda_scale=1.5", "train.max_steps=20"])
+    >>> cfg.algo.lambda_scale
+    1.5
+
+Batch sizes are counted in *prompts* (each prompt brings `rollout.group_size` responses), and
+`rollout.prompts_per_step` / `algo.mini_batch_prompts` are global (summed over data-parallel ranks), as in verl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hadw_kernels import LossConfig
+from hadw_kernels.anchor import ANCHOR_MODES
+
+LOSS_PRESETS = ("grpo", "dapo", "gspo", "dr_grpo")
+LOSS_BACKENDS = ("auto", "torch", "compiled", "triton")
+TASKS = ("arith", "jsonl")
+REWARDS = ("exact", "math_verify")
+ARCHS = ("qwen2", "llama")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy: a local Hugging Face model directory, or a tiny model built from a config."""
+
+    path: str | None = None
+    """Local HF model directory (config.json, weights, tokenizer). None builds the tiny char-level model below."""
+    arch: str = "qwen2"
+    """Architecture of the tiny model built when `path` is None: 'qwen2' or 'llama'."""
+    hidden_size: int = 128
+    """Tiny model: width."""
+    num_layers: int = 4
+    """Tiny model: number of transformer blocks."""
+    num_heads: int = 4
+    """Tiny model: attention heads (no grouped-query attention)."""
+    intermediate_size: int = 512
+    """Tiny model: MLP width."""
+    max_position_embeddings: int = 64
+    """Tiny model: longest prompt + response."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 | bfloat16 | float16 (CPU runs should stay float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (real models with long responses)."""
+
+
+@dataclass
+class TaskConfig:
+    """Where prompts come from, how they are written and how responses are scored."""
+
+    name: str = "arith"
+    """'arith': synthetic integer arithmetic with levels 1-5 (no download); 'jsonl': a math dataset file."""
+    path: str | None = None
+    """'jsonl' task: training file with `problem`, `answer` and optional `level` per line."""
+    eval_path: str | None = None
+    """'jsonl' task: held-out file (same format); None evaluates on the training file."""
+    levels: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """'arith' task: the difficulty levels sampled for training (uniformly) and evaluated."""
+    eval_per_level: int = 100
+    """'arith' task: size of the fixed held-out eval set per level ('jsonl': cap per level, 0 = all)."""
+    eval_seed: int = 1234
+    """Seed of the fixed eval set (independent of the run's seed, so every run sees the same set)."""
+    prompt_template: str = "{question}"
+    """Prompt text; `{question}` is replaced by the problem. Math recipes use the paper's template."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template (instruct models)."""
+    reward: str = "exact"
+    """'exact': stripped response == answer; 'math_verify': last \\boxed{} answer checked with math-verify."""
+    max_prompt_len: int = 1024
+    """Prompts longer than this many tokens are dropped from the dataset (with a count in the log)."""
+
+
+@dataclass
+class SFTConfig:
+    """The supervised warm-up that turns a random tiny model into a 'base model' (cached; 0 steps = skip)."""
+
+    steps: int = 0
+    """Optimizer steps of warm-up; 0 starts RL from the model as loaded."""
+    batch_size: int = 128
+    """Examples per warm-up step."""
+    lr: float = 3e-3
+    """Peak learning rate (linear warm-up for 5% of steps, then cosine to 10%)."""
+    seed: int = 0
+    """Seed of the warm-up (fixed by default so every RL seed starts from the same base model)."""
+    cache_dir: str | None = None
+    """Where base models are cached by config hash; None = $HADW_CACHE or ~/.cache/hadw_trainer."""
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling G responses per prompt with the current policy."""
+
+    engine: str = "hf"
+    """Rollout engine: 'hf' (transformers `generate`). The distributed issue adds 'vllm'."""
+    prompts_per_step: int = 16
+    """Prompts per RL step, global over ranks (the paper: 256)."""
+    group_size: int = 8
+    """G, responses per prompt (>= 2)."""
+    max_new_tokens: int = 8
+    """Longest response in tokens (the paper: 4096)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0); log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    dynamic_sampling: bool = False
+    """DAPO's filter: drop groups whose rewards are all equal and refill with new prompts (off, as in the paper)."""
+    max_refill_rounds: int = 4
+    """Dynamic sampling: extra generation rounds per step before filling up with the dropped groups."""
+    overlong_buffer: int = 0
+    """DAPO's overlong shaping: penalise responses within this many tokens of the limit (0 = off)."""
+    overlong_penalty: float = 1.0
+    """Overlong shaping: the largest penalty, reached at `max_new_tokens`."""
+
+
+@dataclass
+class AlgoConfig:
+    """The policy loss (`hadw_kernels.hadw_loss`), the difficulty anchor and how the batch is split for updates."""
+
+    loss: str = "grpo"
+    """Loss preset: grpo | dapo | gspo | dr_grpo (the spec's table)."""
+    hadw: bool = True
+    """HA-DW reweighting on (Phi = lambda * exp(D * M)) or off (Phi = 1)."""
+    lambda_scale: float = 1.3
+    """lambda in Phi (the paper's best: 1.3)."""
+    clip_low: float | None = None
+    """Override the preset's epsilon_low."""
+    clip_high: float | None = None
+    """Override the preset's epsilon_high."""
+    kl_coef: float = 0.0
+    """KL penalty to the initial policy (0 = off, as in the paper)."""
+    anchor_mode: str = "window"
+    """Difficulty anchor: window | ema | fixed."""
+    anchor_window: int = 10
+    """'window' mode: batch accuracies averaged (h)."""
+    anchor_include_current: bool = False
+    """'window' mode: put y_t in the window before use (the authors' released code)."""
+    anchor_eta: float = 1.0
+    """'ema' mode: base rate eta."""
+    anchor_fixed: float = 0.5
+    """'fixed' mode: the constant anchor."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    mini_batch_prompts: int = 16
+    """Prompts per optimizer step, global over ranks (the paper: 16)."""
+    micro_batch_prompts: int = 4
+    """Prompts per forward/backward on one rank (gradient accumulation; the loss does not depend on it)."""
+    backend: str = "torch"
+    """`hadw_loss` backend: auto | torch | compiled | triton."""
+
+    def loss_config(self) -> LossConfig:
+        over: dict[str, Any] = dict(hadw=self.hadw, lambda_scale=self.lambda_scale, kl_coef=self.kl_coef)
+        if self.clip_low is not None:
+            over["clip_low"] = self.clip_low
+        if self.clip_high is not None:
+            over["clip_high"] = self.clip_high
+        return LossConfig.preset(self.loss, **over)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up, then a constant learning rate (verl's default schedule)."""
+
+    lr: float = 1e-6
+    """Learning rate after warm-up (the paper: 1e-6)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (the paper: 0.1)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    warmup_steps: int = 10
+    """RL steps of linear warm-up (the scheduler advances once per RL step, as in verl)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out accuracy per level: greedy, and avg@k sampled."""
+
+    every: int = 25
+    """Evaluate every this many RL steps (and at step 0 and at the end); 0 = only at the start and the end."""
+    k: int = 4
+    """avg@k: responses sampled per eval prompt at `temperature` (0 = greedy only)."""
+    temperature: float = 1.0
+    """Sampling temperature of avg@k."""
+    greedy: bool = True
+    """Also report greedy (temperature 0) accuracy."""
+    batch_prompts: int = 256
+    """Prompts per generate call during eval."""
+    max_new_tokens: int | None = None
+    """Response budget at eval; None = rollout.max_new_tokens."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints under OUTPUT/checkpoints/step_N/."""
+
+    every: int = 0
+    """Save every this many RL steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Keep the newest K complete checkpoints (older ones are deleted after a successful save)."""
+    save_final: bool = True
+    """Save at the last step."""
+
+
+@dataclass
+class TrainConfig:
+    """The run."""
+
+    max_steps: int = 100
+    """RL steps (rollout batches)."""
+    seed: int = 0
+    """Seed of the RL run (rollout sampling, prompt order)."""
+    threads: int = 2
+    """torch CPU threads per process (0 = leave torch's default)."""
+    log_every: int = 1
+    """Print a line every this many steps (metrics.jsonl always gets every step)."""
+    tensorboard: bool = True
+    """Write TensorBoard events under OUTPUT/tb when tensorboard is installed."""
+    progress: bool = True
+    """Show a progress bar (rich) on an interactive terminal."""
+    plots: bool = True
+    """Write OUTPUT/plots/*.png at the end (matplotlib)."""
+
+
+@dataclass
+class JobConfig:
+    """A whole job; built by a recipe, overridden by `--set section.field=value`."""
+
+    recipe: str = "custom"
+    """Name of the recipe this config came from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobConfig:
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            sub = _SECTIONS.get(f.name)
+            if sub is None:
+                kw[f.name] = d[f.name]
+            else:
+                vals = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d[f.name].items()}
+                kw[f.name] = sub(**vals)
+        return cls(**kw)
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def validate(self, world_size: int = 1) -> JobConfig:
+        """Raise ConfigError naming every problem found; returns self."""
+        errs: list[str] = []
+
+        def choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+            if value not in choices:
+                errs.append(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+        def positive(key: str, value: Any, zero_ok: bool = False) -> None:
+            if value < 0 or (value == 0 and not zero_ok):
+                errs.append(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+        m, t, r, a, o = self.model, self.task, self.rollout, self.algo, self.optim
+        choice("model.arch", m.arch, ARCHS)
+        choice("model.dtype", m.dtype, DTYPES)
+        choice("task.name", t.name, TASKS)
+        choice("task.reward", t.reward, REWARDS)
+        choice("rollout.engine", r.engine, ("hf",))
+        choice("algo.loss", a.loss, LOSS_PRESETS)
+        choice("algo.anchor_mode", a.anchor_mode, ANCHOR_MODES)
+        choice("algo.backend", a.backend, LOSS_BACKENDS)
+        if t.name == "jsonl" and not t.path:
+            errs.append("task.name='jsonl' needs task.path=FILE.jsonl (fields: problem, answer, optional level)")
+        if t.name == "jsonl" and not m.path:
+            errs.append("task.name='jsonl' needs model.path=LOCAL_HF_MODEL_DIR (nothing is downloaded)")
+        if t.name == "arith" and t.reward != "exact":
+            errs.append("task.name='arith' scores by exact match; set task.reward=exact")
+        if t.name == "arith" and (not t.levels or any(lv not in range(1, 6) for lv in t.levels)):
+            errs.append(f"task.levels={t.levels!r} must be a non-empty subset of 1,2,3,4,5")
+        if "{question}" not in t.prompt_template:
+            errs.append("task.prompt_template must contain {question}")
+        if r.group_size < 2:
+            errs.append(f"rollout.group_size={r.group_size} must be >= 2 (a group-relative advantage needs two "
+                        f"responses per prompt)")
+        for key, v in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.max_new_tokens", r.max_new_tokens),
+                       ("rollout.temperature", r.temperature), ("algo.mini_batch_prompts", a.mini_batch_prompts),
+                       ("algo.micro_batch_prompts", a.micro_batch_prompts), ("algo.ppo_epochs", a.ppo_epochs),
+                       ("train.max_steps", self.train.max_steps), ("optim.lr", o.lr),
+                       ("checkpoint.keep_last", self.checkpoint.keep_last), ("sft.batch_size", self.sft.batch_size)):
+            positive(key, v)
+        for key, v in (("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip),
+                       ("optim.weight_decay", o.weight_decay), ("sft.steps", self.sft.steps),
+                       ("eval.every", self.eval.every), ("eval.k", self.eval.k),
+                       ("checkpoint.every", self.checkpoint.every), ("rollout.overlong_buffer", r.overlong_buffer),
+                       ("train.threads", self.train.threads)):
+            positive(key, v, zero_ok=True)
+        if r.overlong_buffer >= r.max_new_tokens > 0 and r.overlong_buffer:
+            errs.append(f"rollout.overlong_buffer={r.overlong_buffer} must be < rollout.max_new_tokens="
+                        f"{r.max_new_tokens}")
+        if self.sft.steps and m.path is not None:
+            errs.append("sft.steps > 0 builds a base model from scratch; it needs model.path=None (the tiny model)")
+        if self.sft.steps and t.name != "arith":
+            errs.append("sft.steps > 0 (the warm-up) is only defined for task.name='arith'")
+        # batch divisibility: rollout batch -> ranks -> mini-batches -> micro-batches, always whole groups
+        if r.prompts_per_step % world_size:
+            errs.append(f"rollout.prompts_per_step={r.prompts_per_step} is not divisible by world_size={world_size}")
+        if r.prompts_per_step % a.mini_batch_prompts:
+            errs.append(f"rollout.prompts_per_step={r.prompts_per_step} is not divisible by algo.mini_batch_prompts="
+                        f"{a.mini_batch_prompts}")
+        if a.mini_batch_prompts % world_size:
+            errs.append(f"algo.mini_batch_prompts={a.mini_batch_prompts} is not divisible by world_size={world_size}")
+        elif (a.mini_batch_prompts // world_size) % a.micro_batch_prompts:
+            errs.append(f"algo.mini_batch_prompts/world_size={a.mini_batch_prompts // world_size} is not divisible "
+                        f"by algo.micro_batch_prompts={a.micro_batch_prompts}")
+        try:
+            a.loss_config()
+        except ValueError as e:
+            errs.append(f"algo: {e}")
+        if errs:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))
+        return self
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "task": TaskConfig, "sft": SFTConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
+    "optim": OptimConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig, "train": TrainConfig,
+}
+
+
+def valid_keys() -> list[str]:
+    """Every `section.field` that `--set` accepts."""
+    return [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _parse_value(key: str, text: str, tp: Any) -> Any:
+    """Parse `text` as type `tp` (int, float, bool, str, X | None, tuple[int, ...])."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return _parse_value(key, text, args[0])
+    if origin is tuple:
+        (item, _) = typing.get_args(tp)
+        return tuple(_parse_value(key, s.strip(), item) for s in text.split(",") if s.strip())
+    try:
+        if tp is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"--set {key}: unsupported field type {tp}")
+    raise ConfigError(f"--set {key}={text!r}: expected {getattr(tp, '__name__', tp)}")
+
+
+def apply_overrides(cfg: JobConfig, overrides: list[str]) -> JobConfig:
+    """Apply `section.field=value` strings; unknown keys and ill-typed values raise ConfigError."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        section, _, name = key.partition(".")
+        cls = _SECTIONS.get(section)
+        names = {f.name for f in dataclasses.fields(cls)} if cls else set()
+        if cls is None or name not in names:
+            raise ConfigError(f"--set: unknown key {key!r}; valid keys are:\n  " + "\n  ".join(valid_keys()))
+        tp = typing.get_type_hints(cls)[name]
+        setattr(getattr(cfg, section), name, _parse_value(key, text.strip(), tp))
+    return cfg

@@ -1,0 +1,216 @@
+"""The RL loop, top to bottom (paper semantics):
+
+    for each step:  rollout batch (prompts x G) -> rewards -> anchor.step (once, global y_t)
+                    -> old log-probs recomputed by the policy -> mini-batch updates with hadw_loss
+                       (global normaliser over micro-batches and ranks, grad clip, AdamW with warm-up)
+                    -> metrics.jsonl -> periodic eval -> checkpoint
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any
+
+import torch
+from hadw_trainer import checkpoint as ckpt
+from hadw_trainer import distributed as dist
+from hadw_trainer.advantage import build_anchor, collect, reward_by_level
+from hadw_trainer.config import JobConfig
+from hadw_trainer.evaluate import evaluate, format_eval_table
+from hadw_trainer.logger import RunLogger
+from hadw_trainer.loss_step import batch_logprobs, update
+from hadw_trainer.model import build_tiny_model, char_tokenizer, load_model
+from hadw_trainer.rollout import HFRollout
+from hadw_trainer.tasks import ArithTask, Problem, PromptSource, load_jsonl
+
+
+def _problems(cfg: JobConfig) -> tuple[PromptSource, list[Problem]]:
+    t = cfg.task
+    if t.name == "arith":
+        task = ArithTask(t.levels)
+        return PromptSource(cfg.train.seed, task=task), task.eval_set(t.eval_per_level, t.eval_seed)
+    train = load_jsonl(t.path)
+    evals = load_jsonl(t.eval_path) if t.eval_path else train
+    if t.eval_per_level:
+        count: dict[Any, int] = {}
+        kept = []
+        for p in evals:
+            count[p.level] = count.get(p.level, 0) + 1
+            if count[p.level] <= t.eval_per_level:
+                kept.append(p)
+        evals = kept
+    return PromptSource(cfg.train.seed, problems=train), evals
+
+
+def _policy(cfg: JobConfig, log: Any) -> tuple[torch.nn.Module, Any]:
+    if cfg.model.path:
+        return load_model(cfg.model.path, cfg.model)
+    if cfg.sft.steps:
+        from hadw_trainer.sft import warmup
+
+        if dist.is_main():  # rank 0 builds (or finds) the cached base model; the others wait, then load it
+            path = warmup(cfg, log)
+        dist.barrier()
+        if not dist.is_main():
+            path = warmup(cfg, lambda *_: None)
+        return load_model(path, cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    tok = char_tokenizer()
+    return build_tiny_model(cfg.model, tok), tok
+
+
+def _lr_factor(step: int, warmup: int) -> float:
+    """Linear warm-up over the first `warmup` RL steps (step counts from 1), then constant."""
+    return min(1.0, step / warmup) if warmup > 0 else 1.0
+
+
+def _reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = dist.all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64)) / dist.world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, Any]:
+    """Run a job; returns {'final_eval': ..., 'metrics': last step's metrics, 'output_dir': ...}."""
+    dist.init()
+    cfg.validate(dist.world_size())
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    os.makedirs(output_dir, exist_ok=True)
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    logger = RunLogger(output_dir, dist.is_main(), False, False, cfg.train.max_steps)  # console only, for now
+    log = logger.print
+
+    start, state = 0, None
+    resume_from = ckpt.latest_complete(ckpt_dir, log) if resume else None
+    if resume and resume_from is None:
+        log(f"--resume: no complete checkpoint under {ckpt_dir}; starting from step 0")
+    if not resume and ckpt.list_checkpoints(ckpt_dir):
+        raise ckpt.CheckpointError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
+                                   f"choose a new --output-dir")
+
+    model, tok = _policy(cfg, log)
+    model.train()
+    dist.broadcast_model(model)
+    loss_cfg = cfg.algo.loss_config()
+    if cfg.algo.loss == "dr_grpo" and loss_cfg.norm_len is None:
+        loss_cfg = loss_cfg.replace(norm_len=cfg.rollout.max_new_tokens)  # Dr. GRPO divides by the budget
+    ref = None
+    if loss_cfg.kl_coef > 0:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    anchor = build_anchor(cfg.algo)
+    source, eval_problems = _problems(cfg)
+    engine = HFRollout(model, tok)
+    history: list[dict] = []
+    if resume_from is not None:
+        state = ckpt.load(resume_from, model, optimizer)
+        anchor.load_state_dict(state["anchor"])
+        source.load_state_dict(state["data"])
+        history = state["eval_history"]
+        start = state["step"]
+        log(f"resumed from {resume_from} (step {start})")
+    else:
+        torch.manual_seed(cfg.train.seed * 1000 + dist.rank())  # the rollout sampling stream of this rank
+
+    if dist.is_main():
+        with open(os.path.join(output_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"recipe {cfg.recipe}: {cfg.algo.loss}{'+HA-DW' if cfg.algo.hadw else ''}, {n_params / 1e6:.2f}M params, "
+        f"{cfg.rollout.prompts_per_step} prompts x G={cfg.rollout.group_size} per step, {cfg.train.max_steps} steps, "
+        f"world_size {dist.world_size()}, output {output_dir}")
+    logger.close()
+    logger = RunLogger(output_dir, dist.is_main(), cfg.train.tensorboard, cfg.train.progress, cfg.train.max_steps,
+                       start=start, log_every=cfg.train.log_every)
+    log = logger.print
+
+    def run_eval(step: int) -> None:
+        res = evaluate(engine, tok, eval_problems, cfg, seed=cfg.task.eval_seed + step)
+        history.append({"step": step, **res})
+        logger.log_eval(step, res, history)
+        log(format_eval_table([history[-1]]))
+
+    if start == 0 and (cfg.eval.greedy or cfg.eval.k):
+        run_eval(0)  # the base model, before RL
+    r, a = cfg.rollout, cfg.algo
+    world = dist.world_size()
+    metrics: dict[str, Any] = {}
+    t_run = time.time()
+    for step in range(start + 1, cfg.train.max_steps + 1):
+        t0 = time.time()
+        lr = o.lr * _lr_factor(step, o.warmup_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = collect(source, engine, tok, cfg)
+        prior = anchor.step(batch.all_rewards)  # once per rollout batch; y_t is global over ranks
+        t_roll = time.time()
+        gen = batch.gen
+        rows_per_call = a.micro_batch_prompts * r.group_size
+        old_lp = batch_logprobs(model, gen, rows_per_call, r.temperature)  # recomputed by the current policy
+        ref_lp = batch_logprobs(ref, gen, rows_per_call, r.temperature) if ref is not None else None
+        stats = update(model, optimizer, gen, batch.rewards, old_lp, prior, loss_cfg, group_size=r.group_size,
+                       mini_prompts=a.mini_batch_prompts // world, micro_prompts=a.micro_batch_prompts,
+                       epochs=a.ppo_epochs, grad_clip=o.grad_clip, temperature=r.temperature, backend=a.backend,
+                       ref_logprobs=ref_lp)
+        engine.sync_weights(model)
+        t_end = time.time()
+
+        from hadw_kernels import hadw_advantages
+
+        adv = hadw_advantages(batch.rewards, group_size=r.group_size, anchor=prior, config=loss_cfg)
+        mask = gen.response_mask.float()
+        local = {
+            "phi_mean": adv.phi.float().mean().item(), "adv_abs_mean": adv.advantages.abs().float().mean().item(),
+            "degenerate_group_frac": (adv.group_std.float() == 0).float().mean().item(),
+            "response_len_mean": mask.sum(-1).mean().item(),
+            "truncated_frac": gen.truncated.float().mean().item() if gen.truncated is not None else 0.0,
+            "rollout_logprob_diff": ((gen.sampling_logprobs - old_lp).abs() * mask).sum().item() / max(
+                1.0, mask.sum().item()) if gen.sampling_logprobs is not None else 0.0,
+            **{k: v for k, v in stats.items() if k not in ("loss", "optimizer_steps")},
+        }
+        reduced = _reduce_mean(local)
+        loss = dist.all_reduce_sum(torch.tensor([stats["loss"]], dtype=torch.float64)).item()
+        tokens = dist.all_reduce_sum(torch.tensor([mask.sum().item()], dtype=torch.float64)).item()
+        gen_count = dist.all_reduce_sum(torch.tensor([float(batch.num_generated)], dtype=torch.float64)).item()
+        metrics = {
+            "step": step, "world_size": world, "epoch": round(source.epoch, 4),
+            "reward_mean": anchor.last_accuracy, "reward_by_level": reward_by_level(batch),
+            "anchor_prior": prior, "anchor_posterior": anchor.posterior, "anchor_eta": anchor.eta_t,
+            "loss": loss, **reduced, "lr": lr, "optimizer_steps": stats["optimizer_steps"],
+            "responses_generated": int(gen_count),
+            "time_s": round(t_end - t_run, 3), "step_time_s": round(t_end - t0, 3),
+            "rollout_time_s": round(t_roll - t0, 3), "update_time_s": round(t_end - t_roll, 3),
+            "tokens_per_s": tokens / max(1e-9, t_end - t0),
+        }
+        if r.dynamic_sampling:
+            metrics["dropped_groups"] = int(dist.all_reduce_sum(torch.tensor([batch.dropped_groups])).item())
+        logger.log_step(metrics)
+        last = step == cfg.train.max_steps
+        if (cfg.eval.every and step % cfg.eval.every == 0) or last:
+            run_eval(step)
+        c = cfg.checkpoint
+        if (c.every and step % c.every == 0) or (last and c.save_final):
+            state = {"step": step, "anchor": anchor.state_dict(), "data": source.state_dict(),
+                     "eval_history": history, "config": cfg.to_dict()}
+            path = ckpt.save(ckpt_dir, step, model, optimizer, state, c.keep_last)
+            if path:
+                log(f"checkpoint: {path}")
+    logger.close()
+    if dist.is_main() and cfg.train.plots:
+        try:
+            from hadw_trainer.plots import plot_run
+
+            paths = plot_run(output_dir)
+            print(f"plots: {', '.join(paths)}")
+        except ImportError:
+            print("plots skipped: matplotlib is not installed")
+    if dist.is_main() and history:
+        print("held-out accuracy by level:\n" + format_eval_table([history[0], history[-1]]) if len(history) > 1
+              else format_eval_table(history))
+        print(f"outputs: {output_dir}/metrics.jsonl, eval.json, plots/, checkpoints/")
+    return {"final_eval": history[-1] if history else None, "metrics": metrics, "output_dir": output_dir}

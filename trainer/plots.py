@@ -1,0 +1,164 @@
+"""Plots of one run (OUTPUT/plots/) and side-by-side comparisons of several runs (`hadw-train compare`).
+
+Runs are grouped by label: the recipe name plus whether HA-DW was on, read from each run's config.json, unless
+labels are given. Each group shows its mean over runs (seeds) and the min-max spread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Any
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_run(run_dir: str) -> dict[str, Any]:
+    """{'metrics': [...], 'eval': {...} or None, 'config': {...} or None} of a run directory."""
+    metrics = []
+    mpath = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(mpath):
+        with open(mpath) as f:
+            metrics = [json.loads(line) for line in f if line.strip()]
+    out: dict[str, Any] = {"metrics": metrics, "eval": None, "config": None, "dir": run_dir}
+    for key, name in (("eval", "eval.json"), ("config", "config.json")):
+        p = os.path.join(run_dir, name)
+        if os.path.exists(p):
+            with open(p) as f:
+                out[key] = json.load(f)
+    if not metrics and out["eval"] is None:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl or eval.json (is this a hadw-train output dir?)")
+    return out
+
+
+def _smooth(xs: list[float], k: int) -> list[float]:
+    out, acc = [], []
+    for x in xs:
+        acc.append(x)
+        acc = acc[-k:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def _levels(run: dict[str, Any], mode: str) -> list[str]:
+    ev = run["eval"]
+    return [k for k in ev["final"][mode]] if ev and mode in ev["final"] else []
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """OUTPUT/plots/reward.png and accuracy_by_level.png; returns the written paths."""
+    plt = _plt()
+    run = read_run(run_dir)
+    out_dir = os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    m = run["metrics"]
+    if m:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        steps = [r["step"] for r in m]
+        k = max(1, len(m) // 20)
+        ax1.plot(steps, _smooth([r["reward_mean"] for r in m], k), label="reward (batch mean)", color="k")
+        ax1.plot(steps, [r["anchor_prior"] for r in m], label="anchor C_t (prior)", color="tab:red", ls="--")
+        ax1.set_xlabel("RL step")
+        ax1.set_title("training reward")
+        ax1.legend()
+        for lv in sorted({k for r in m for k in r.get("reward_by_level", {})}):
+            xs = [(r["step"], r["reward_by_level"][lv]) for r in m if lv in r.get("reward_by_level", {})]
+            ax2.plot([x for x, _ in xs], _smooth([y for _, y in xs], k), label=lv.replace("level_", "L"))
+        ax2.set_xlabel("RL step")
+        ax2.set_title(f"training reward by level (moving mean of {k})")
+        ax2.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "reward.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    ev = run["eval"]
+    if ev and ev.get("history"):
+        modes = [x for x in ev["final"] if x not in ("step", "n")]
+        fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
+        for ax, mode in zip(axes[0], modes, strict=True):
+            hist = [h for h in ev["history"] if mode in h]
+            for lv in _levels(run, mode):
+                ax.plot([h["step"] for h in hist], [h[mode][lv] for h in hist], marker="o", ms=3,
+                        label=lv.replace("level_", "L"), lw=2.5 if lv == "overall" else 1.2)
+            ax.set_xlabel("RL step")
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"held-out accuracy ({mode})")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "accuracy_by_level.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def default_label(run: dict[str, Any]) -> str:
+    cfg = run["config"] or {}
+    algo = cfg.get("algo", {})
+    if not algo:
+        return os.path.basename(os.path.normpath(run["dir"]))
+    name = algo.get("loss", "?").upper().replace("DR_GRPO", "Dr.GRPO")
+    return f"{name}+HA-DW" if algo.get("hadw") else name
+
+
+def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode: str | None = None) -> str:
+    """Plot runs side by side: final accuracy per level (mean and min-max over runs of a label) and the overall
+    accuracy curve. Returns a text table of the same numbers."""
+    plt = _plt()
+    runs = [read_run(d) for d in run_dirs]
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"--labels has {len(labels)} names for {len(runs)} runs")
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for i, run in enumerate(runs):
+        groups[labels[i] if labels else default_label(run)].append(run)
+    with_eval = [r for r in runs if r["eval"]]
+    if not with_eval:
+        raise ValueError("none of the runs has an eval.json to compare")
+    if mode is None:
+        avg = [x for x in with_eval[0]["eval"]["final"] if x.startswith("avg@")]
+        mode = avg[0] if avg else "greedy"
+    levels = _levels(with_eval[0], mode)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.3))
+    width = 0.8 / max(1, len(groups))
+    lines = [f"{mode} accuracy, mean [min, max] over runs"]
+    lines.append(f"{'run':>16} {'n':>2} | " + " | ".join(f"{lv.replace('level_', 'L'):>17}" for lv in
+                                                        ["base"] + levels))
+    for gi, (label, grp) in enumerate(groups.items()):
+        finals = [[r["eval"]["final"][mode][lv] for lv in levels] for r in grp if r["eval"]]
+        base = [r["eval"]["base"][mode]["overall"] for r in grp if r["eval"]]
+        means = [sum(c) / len(c) for c in zip(*finals, strict=True)]
+        lo = [min(c) for c in zip(*finals, strict=True)]
+        hi = [max(c) for c in zip(*finals, strict=True)]
+        xs = [i + gi * width for i in range(len(levels))]
+        ax1.bar(xs, means, width, label=f"{label} (n={len(grp)})",
+                yerr=[[m - a for m, a in zip(means, lo, strict=True)], [b - m for m, b in zip(means, hi, strict=True)]],
+                capsize=3)
+        cells = [f"{sum(base) / len(base):.3f} [{min(base):.3f},{max(base):.3f}]"]
+        cells += [f"{m:.3f} [{a:.3f},{b:.3f}]" for m, a, b in zip(means, lo, hi, strict=True)]
+        lines.append(f"{label:>16} {len(grp):>2} | " + " | ".join(f"{c:>17}" for c in cells))
+        curves = [[(h["step"], h[mode]["overall"]) for h in r["eval"]["history"] if mode in h] for r in grp]
+        steps = [s for s, _ in curves[0]]
+        ys = [[c[i][1] for c in curves if i < len(c)] for i in range(len(steps))]
+        ax2.plot(steps, [sum(y) / len(y) for y in ys], marker="o", ms=3, label=label)
+        ax2.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
+    ax1.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(levels))],
+                   [lv.replace("level_", "L") for lv in levels])
+    ax1.set_ylim(0, 1.05)
+    ax1.set_title(f"final held-out accuracy ({mode}); bars: mean, whiskers: min-max")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("RL step")
+    ax2.set_title(f"overall held-out accuracy ({mode}); band: min-max")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
