@@ -14,6 +14,7 @@ Batch sizes are counted in *prompts* (each prompt brings `rollout.group_size` re
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -401,7 +402,9 @@ def apply_overrides(cfg: JobConfig, overrides: list[str]) -> JobConfig:
         cls = _SECTIONS.get(section)
         names = {f.name for f in dataclasses.fields(cls)} if cls else set()
         if cls is None or name not in names:
-            raise ConfigError(f"--set: unknown key {key!r}; valid keys are:\n  " + "\n  ".join(valid_keys()))
+            close = difflib.get_close_matches(key, valid_keys(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--set: unknown key {key!r}{hint}; valid keys are:\n  " + "\n  ".join(valid_keys()))
         tp = typing.get_type_hints(cls)[name]
         setattr(getattr(cfg, section), name, _parse_value(key, text.strip(), tp))
     return cfg

@@ -28,13 +28,13 @@ class RunLogger:
     """Writes OUTPUT/metrics.jsonl, OUTPUT/eval.json and OUTPUT/tb/ (when tensorboard imports)."""
 
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool, progress: bool, total: int,
-                 start: int = 0, log_every: int = 1) -> None:
+                 start: int = 0, log_every: int = 1, console_only: bool = False) -> None:
         self.output_dir, self.enabled, self.log_every = output_dir, enabled, log_every
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
         self.tb = None
         self.bar = None
         self.t0 = time.time()
-        if not enabled:
+        if not enabled or console_only:
             return
         if start == 0 and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)

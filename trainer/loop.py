@@ -81,13 +81,16 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
         torch.set_num_threads(cfg.train.threads)
     os.makedirs(output_dir, exist_ok=True)
     ckpt_dir = os.path.join(output_dir, "checkpoints")
-    logger = RunLogger(output_dir, dist.is_main(), False, False, cfg.train.max_steps)  # console only, for now
+    logger = RunLogger(output_dir, dist.is_main(), False, False, cfg.train.max_steps, console_only=True)
     log = logger.print
 
     start, state = 0, None
     resume_from = ckpt.latest_complete(ckpt_dir, log) if resume else None
     if resume and resume_from is None:
-        log(f"--resume: no complete checkpoint under {ckpt_dir}; starting from step 0")
+        if ckpt.list_checkpoints(ckpt_dir):
+            raise ckpt.CheckpointError(f"--resume: every checkpoint under {ckpt_dir} is partial or corrupt (see the "
+                                       f"warnings above); move them away to start over")
+        log(f"--resume: no checkpoint under {ckpt_dir}; starting from step 0")
     if not resume and ckpt.list_checkpoints(ckpt_dir):
         raise ckpt.CheckpointError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
                                    f"choose a new --output-dir")
@@ -213,4 +216,5 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
         print("held-out accuracy by level:\n" + format_eval_table([history[0], history[-1]]) if len(history) > 1
               else format_eval_table(history))
         print(f"outputs: {output_dir}/metrics.jsonl, eval.json, plots/, checkpoints/")
-    return {"final_eval": history[-1] if history else None, "metrics": metrics, "output_dir": output_dir}
+    return {"final_eval": history[-1] if history else None, "metrics": metrics, "output_dir": output_dir,
+            "anchor": anchor.state_dict(), "step": cfg.train.max_steps, "model": model, "tokenizer": tok}

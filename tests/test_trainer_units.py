@@ -1,0 +1,195 @@
+"""Trainer units: config validation, task levels, prompt cursor, rewards (exact match, math-verify)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from hadw_trainer.cli import main as cli_main  # noqa: E402
+from hadw_trainer.config import ConfigError, apply_overrides  # noqa: E402
+from hadw_trainer.recipes import RECIPES, get_recipe  # noqa: E402
+from hadw_trainer.rewards import exact_match, last_boxed, math_verify_reward, overlong_penalty  # noqa: E402
+from hadw_trainer.tasks import ARITH_LEVELS, ArithTask, PromptSource, load_jsonl, shipped_math_sample  # noqa: E402
+
+
+# -- config ------------------------------------------------------------------------------------------------------
+def test_every_recipe_builds_and_tiny_validates():
+    for name in RECIPES:
+        cfg = get_recipe(name)
+        assert cfg.recipe == name or name == "tiny-arith"
+    get_recipe("tiny-arith").validate()
+    assert "qwen3-4b-base-grpo-hadw" in RECIPES and "llama3.2-3b-instruct-dapo" in RECIPES
+
+
+def test_unknown_recipe_lists_valid_ones():
+    with pytest.raises(ConfigError, match="tiny-arith"):
+        get_recipe("tiny-arithmetic")
+
+
+def test_overrides_parse_types():
+    cfg = apply_overrides(get_recipe("tiny-arith"), ["algo.lambda_scale=1.5", "algo.hadw=false", "task.levels=1,3",
+                                                     "model.path=none", "algo.clip_high=0.28"])
+    assert cfg.algo.lambda_scale == 1.5 and cfg.algo.hadw is False and cfg.task.levels == (1, 3)
+    assert cfg.model.path is None and cfg.algo.clip_high == 0.28
+    assert cfg.algo.loss_config().clip_high == 0.28
+
+
+@pytest.mark.parametrize("item, match", [
+    ("algo.lamda_scale=1.5", r"unknown key 'algo.lamda_scale' \(did you mean 'algo.lambda_scale'\?\)"),
+    ("nosection.x=1", "unknown key"),
+    ("algo.lambda_scale=big", "expected float"),
+    ("train.max_steps=1.5", "expected int"),
+    ("algo.hadw=maybe", "expected bool"),
+    ("algo.hadw", "section.field=value"),
+])
+def test_bad_overrides(item, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(get_recipe("tiny-arith"), [item])
+
+
+@pytest.mark.parametrize("items, match", [
+    (["rollout.group_size=1"], "group_size=1 must be >= 2"),
+    (["algo.mini_batch_prompts=7"], "not divisible by algo.mini_batch_prompts=7"),
+    (["algo.micro_batch_prompts=3"], "not divisible by algo.micro_batch_prompts=3"),
+    (["algo.loss=ppo"], "algo.loss='ppo' is not valid; choose one of grpo, dapo, gspo, dr_grpo"),
+    (["algo.anchor_mode=median"], "anchor_mode"),
+    (["task.name=jsonl"], "task.path"),
+    (["task.levels=0,6"], "subset of 1,2,3,4,5"),
+    (["task.reward=math_verify"], "exact match"),
+    (["algo.clip_low=1.5"], "clip_low"),
+    (["model.path=/some/model"], "sft.steps > 0"),
+    (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
+])
+def test_incompatible_options(items, match):
+    cfg = apply_overrides(get_recipe("tiny-arith"), items)
+    with pytest.raises(ConfigError, match=match):
+        cfg.validate()
+
+
+def test_world_size_divisibility():
+    cfg = apply_overrides(get_recipe("tiny-arith"), ["rollout.prompts_per_step=6", "algo.mini_batch_prompts=6",
+                                                     "algo.micro_batch_prompts=1"])
+    cfg.validate(world_size=2)
+    with pytest.raises(ConfigError, match="world_size=4"):
+        cfg.validate(world_size=4)
+
+
+def test_cli_reports_config_errors(capsys):
+    assert cli_main(["--recipe", "nope", "--output-dir", "/tmp/x"]) == 2
+    assert "valid recipes" in capsys.readouterr().err
+    assert cli_main(["show", "--recipe", "tiny-arith", "--set", "algo.lambda_scale=x"]) == 2
+    assert "expected float" in capsys.readouterr().err
+    assert cli_main(["show", "--recipe", "tiny-arith", "--set", "rollout.group_size=1"]) == 2
+    assert "group_size" in capsys.readouterr().err
+
+
+# -- tasks -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", sorted(ARITH_LEVELS))
+def test_arith_levels(level):
+    n_ops, digits = ARITH_LEVELS[level]
+    rng = random.Random(level)
+    for _ in range(200):
+        p = ArithTask.problem(rng, level)
+        assert p.level == level
+        assert eval(p.question) == int(p.answer)  # the answer is right
+        terms = p.question.replace("-", "+").split("+")
+        assert len(terms) == n_ops + 1
+        assert all(len(t) == digits for t in terms)
+
+
+def test_levels_get_harder():
+    # more operations or more digits per level: the answer space grows
+    spaces = [len({ArithTask.problem(random.Random(i), lv).question for i in range(300)}) for lv in (1, 2, 3)]
+    assert spaces[0] < spaces[1] <= spaces[2]
+
+
+def test_eval_set_fixed_and_distinct():
+    task = ArithTask()
+    a, b = task.eval_set(50, seed=7), task.eval_set(50, seed=7)
+    assert a == b and len(a) == 250
+    for lv in range(1, 6):
+        qs = [p.question for p in a if p.level == lv]
+        assert len(qs) == len(set(qs)) == 50
+    assert task.eval_set(50, seed=8) != a
+
+
+def test_prompt_source_cursor_resumes():
+    src = PromptSource(3, task=ArithTask())
+    src.draw(8)
+    state = src.state_dict()
+    nxt = src.draw(8)
+    other = PromptSource(3, task=ArithTask())
+    other.load_state_dict(state)
+    assert other.draw(8) == nxt
+    with pytest.raises(ValueError, match="seed"):
+        PromptSource(4, task=ArithTask()).load_state_dict(state)
+
+
+def test_jsonl_source_epochs():
+    problems = load_jsonl(shipped_math_sample())
+    assert len(problems) == 16 and {p.level for p in problems} == {1, 2, 3, 4, 5}
+    src = PromptSource(0, problems=problems)
+    first = src.draw(16)
+    assert sorted(p.question for p in first) == sorted(p.question for p in problems)  # one epoch = a permutation
+    assert src.epoch == 1.0
+
+
+def test_jsonl_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: needs fields"):
+        load_jsonl(str(bad))
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_jsonl(str(bad))
+
+
+# -- rewards -----------------------------------------------------------------------------------------------------
+def test_exact_match():
+    assert exact_match("42", "42") == 1.0
+    assert exact_match(" 42\n", "42") == 1.0
+    assert exact_match("042", "42") == 0.0
+    assert exact_match("-3", "3") == 0.0
+    assert exact_match("", "0") == 0.0
+
+
+def test_math_verify_on_shipped_sample():
+    pytest.importorskip("math_verify")
+    for p in load_jsonl(shipped_math_sample()):
+        assert math_verify_reward(f"Let's think. The answer is $\\boxed{{{p.answer}}}$.", p.answer) == 1.0, p
+        assert math_verify_reward("The answer is \\boxed{1000001}.", p.answer) == 0.0, p
+
+
+@pytest.mark.parametrize("response, answer, expected", [
+    ("so \\boxed{0.5}", "\\frac{1}{2}", 1.0),          # equal values, different forms
+    ("\\boxed{\\frac{10}{12}}", "\\frac{5}{6}", 1.0),
+    ("\\boxed{3} then \\boxed{7}", "7", 1.0),          # the last box counts
+    ("\\boxed{7} then \\boxed{3}", "7", 0.0),
+    ("The answer is 11", "11", 0.0),                   # no box: not an answer
+    ("\\boxed{11", "11", 0.0),                         # unclosed box
+    ("\\boxed{}", "11", 0.0),                          # empty box
+    ("\\boxed{\\frac{1}{", "\\frac{1}{2}", 0.0),       # malformed LaTeX
+    ("\\boxed{)(*&^%}", "11", 0.0),                     # garbage
+    ("\\boxed{(-2, 2)}", "(-2, 2)", 1.0),              # intervals
+    ("\\boxed{[-2, 2]}", "(-2, 2)", 0.0),
+])
+def test_math_verify_cases(response, answer, expected):
+    pytest.importorskip("math_verify")
+    assert math_verify_reward(response, answer) == expected
+
+
+def test_last_boxed_balances_braces():
+    assert last_boxed("x \\boxed{\\frac{a}{b}} y") == "\\frac{a}{b}"
+    assert last_boxed("\\boxed{a") is None
+    assert last_boxed("nothing") is None
+
+
+def test_overlong_penalty():
+    import torch
+
+    pen = overlong_penalty(torch.tensor([4, 6, 7, 8]), max_len=8, buffer=4, penalty=1.0)
+    assert pen.tolist() == [0.0, -0.5, -0.75, -1.0]
+    assert overlong_penalty(torch.tensor([8]), 8, 0, 1.0).tolist() == [0.0]
