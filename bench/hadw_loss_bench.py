@@ -215,8 +215,9 @@ LIGER_VOCAB = 128  # Liger reads logits [N, T+1, V]; a small V keeps it near our
 
 
 def liger_inputs(inp: Inputs, vocab: int = LIGER_VOCAB) -> dict:
-    """Logits [N, T+1, V] whose chosen-token log-softmax is near `inp.logprobs`, token ids, and HA-DW advantages
-    computed once outside (Liger takes advantages as an input). Built once, cached on `inp.extra`."""
+    """Random logits [N, T+1, V] and token ids (Liger computes the log-probs itself, so they differ from
+    `inp.logprobs`), the same old log-probs and mask, and the HA-DW advantages computed once outside (Liger takes
+    advantages as an input). Built once, cached on `inp.extra`."""
     if "liger" not in inp.extra:
         from hadw_kernels import hadw_advantages
 
