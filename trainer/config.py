@@ -119,6 +119,11 @@ class RolloutConfig:
     """Nucleus sampling (1.0 = off)."""
     top_k: int = 0
     """Top-k sampling (0 = off)."""
+    chunk_prompts: int = 0
+    """Prompts per `generate` call (0 = all at once); bounds generation memory on real models."""
+    sampling_logprobs: bool = True
+    """Keep the sampling engine's log-probs (for the `rollout_logprob_diff` metric). HF `generate` needs the full
+    [N, T, vocab] logits for this, so the real-model recipes turn it off."""
     dynamic_sampling: bool = False
     """DAPO's filter: drop groups whose rewards are all equal and refill with new prompts (off, as in the paper)."""
     max_refill_rounds: int = 4

@@ -23,7 +23,7 @@ from hadw_trainer.evaluate import evaluate, format_eval_table
 from hadw_trainer.logger import RunLogger
 from hadw_trainer.loss_step import batch_logprobs, update
 from hadw_trainer.model import build_tiny_model, char_tokenizer, load_model
-from hadw_trainer.rollout import HFRollout
+from hadw_trainer.rollout import HFRollout, format_prompt
 from hadw_trainer.tasks import ArithTask, Problem, PromptSource, load_jsonl
 
 
@@ -43,6 +43,20 @@ def _problems(cfg: JobConfig) -> tuple[PromptSource, list[Problem]]:
                 kept.append(p)
         evals = kept
     return PromptSource(cfg.train.seed, problems=train), evals
+
+
+def _drop_long_prompts(source: PromptSource, cfg: JobConfig, tok: Any, log: Any) -> None:
+    """Drop training problems whose formatted prompt exceeds task.max_prompt_len tokens (reported, not silent)."""
+    assert source.problems is not None
+    keep = [p for p in source.problems if len(tok(format_prompt(p, cfg.task.prompt_template, tok,
+                                                                cfg.task.chat_template), add_special_tokens=False
+                                                  ).input_ids) <= cfg.task.max_prompt_len]
+    if len(keep) < len(source.problems):
+        log(f"dropped {len(source.problems) - len(keep)} of {len(source.problems)} training problems longer than "
+            f"task.max_prompt_len={cfg.task.max_prompt_len} tokens")
+    if not keep:
+        raise ValueError(f"no training problem fits task.max_prompt_len={cfg.task.max_prompt_len}")
+    source.problems = keep
 
 
 def _policy(cfg: JobConfig, log: Any) -> tuple[torch.nn.Module, Any]:
@@ -108,7 +122,9 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     anchor = build_anchor(cfg.algo)
     source, eval_problems = _problems(cfg)
-    engine = HFRollout(model, tok)
+    engine = HFRollout(model, tok, cfg.rollout.chunk_prompts, cfg.rollout.sampling_logprobs)
+    if cfg.task.name == "jsonl":
+        _drop_long_prompts(source, cfg, tok, log)
     history: list[dict] = []
     if resume_from is not None:
         state = ckpt.load(resume_from, model, optimizer)

@@ -65,9 +65,7 @@ def load_tokenizer(path: str):
     if os.path.exists(tc_path):
         with open(tc_path) as f:
             cls_name = json.load(f).get("tokenizer_class")
-    if cls_name in ("PreTrainedTokenizerFast", "TokenizersBackend") or cls_name is None and os.path.exists(
-        os.path.join(path, "hadw_char_tokenizer")
-    ):
+    if cls_name in ("PreTrainedTokenizerFast", "TokenizersBackend"):
         tok = tf.PreTrainedTokenizerFast.from_pretrained(path)
     else:
         tok = tf.AutoTokenizer.from_pretrained(path)
@@ -96,7 +94,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: str) -> None:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     tc_path = os.path.join(path, "tokenizer_config.json")
-    if getattr(tokenizer, "_hadw_char", False) or type(tokenizer).__name__ == "PreTrainedTokenizerFast":
+    if type(tokenizer).__name__ == "PreTrainedTokenizerFast":  # so load_tokenizer does not pick the model's class
         with open(tc_path) as f:
             tc = json.load(f)
         tc["tokenizer_class"] = "PreTrainedTokenizerFast"

@@ -54,10 +54,12 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int | list[int]) 
 class HFRollout:
     """Sampling with `model.generate` (KV cache, left padding); log-probs from the returned raw logits."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, chunk_prompts: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, chunk_prompts: int = 0,
+                 sampling_logprobs: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.chunk_prompts = chunk_prompts  # 0: all prompts in one generate call
+        self.sampling_logprobs = sampling_logprobs  # needs the [N, T, V] logits from generate
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
             else tokenizer.eos_token_id
         self.eos_ids = eos if isinstance(eos, list) else [eos]
@@ -79,7 +81,7 @@ class HFRollout:
             n = 1
         else:
             kwargs.update(do_sample=True, num_return_sequences=n, temperature=temperature, top_p=top_p,
-                          top_k=top_k if top_k > 0 else None, output_logits=True)
+                          top_k=top_k if top_k > 0 else None, output_logits=self.sampling_logprobs)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -91,7 +93,7 @@ class HFRollout:
         mask, truncated = response_mask_from_ids(resp, self.eos_ids)
         resp = torch.where(mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
         slp = None
-        if not greedy:
+        if not greedy and self.sampling_logprobs:
             logits = torch.stack(out.logits, dim=1).float() / temperature  # [N, T, V] raw logits of each step
             slp = torch.log_softmax(logits, -1).gather(-1, resp.unsqueeze(-1)).squeeze(-1) * mask
         texts = tok.batch_decode(resp * mask + tok.pad_token_id * (1 - mask), skip_special_tokens=True)
