@@ -26,6 +26,8 @@ from hadw_trainer.model import build_tiny_model, char_tokenizer, load_model
 from hadw_trainer.rollout import HFRollout, format_prompt
 from hadw_trainer.tasks import ArithTask, Problem, PromptSource, load_jsonl
 
+from hadw_kernels import hadw_advantages
+
 
 def _problems(cfg: JobConfig) -> tuple[PromptSource, list[Problem]]:
     t = cfg.task
@@ -178,9 +180,6 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
                        ref_logprobs=ref_lp)
         engine.sync_weights(model)
         t_end = time.time()
-
-        from hadw_kernels import hadw_advantages
-
         adv = hadw_advantages(batch.rewards, group_size=r.group_size, anchor=prior, config=loss_cfg)
         mask = gen.response_mask.float()
         local = {
