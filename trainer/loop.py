@@ -83,6 +83,19 @@ def _lr_factor(step: int, warmup: int) -> float:
     return min(1.0, step / warmup) if warmup > 0 else 1.0
 
 
+def _config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Keys whose values changed (train.max_steps is expected to change on resume and is not reported)."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{k}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b) \
+                and f"{prefix}{k}" != "train.max_steps":
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
 def _reduce_mean(values: dict[str, float]) -> dict[str, float]:
     keys = sorted(values)
     t = dist.all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64)) / dist.world_size()
@@ -135,6 +148,9 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
         history = state["eval_history"]
         start = state["step"]
         log(f"resumed from {resume_from} (step {start})")
+        changed = _config_diff(state.get("config", {}), cfg.to_dict())
+        if changed:
+            log("WARNING: the resumed run's config differs from the checkpoint's (saved -> now): " + ", ".join(changed))
     else:
         torch.manual_seed(cfg.train.seed * 1000 + dist.rank())  # the rollout sampling stream of this rank
 
