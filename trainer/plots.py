@@ -129,7 +129,7 @@ def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.3))
     width = 0.8 / max(1, len(groups))
     lines = [f"{mode} accuracy, mean [min, max] over runs"]
-    lines.append(f"{'run':>16} {'n':>2} | " + " | ".join(f"{lv.replace('level_', 'L'):>17}" for lv in
+    lines.append(f"{'run':>16} {'n':>2} | " + " | ".join(f"{lv.replace('level_', 'L'):>19}" for lv in
                                                         ["base"] + levels))
     for gi, (label, grp) in enumerate(groups.items()):
         finals = [[r["eval"]["final"][mode][lv] for lv in levels] for r in grp if r["eval"]]
@@ -143,7 +143,7 @@ def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode
                 capsize=3)
         cells = [f"{sum(base) / len(base):.3f} [{min(base):.3f},{max(base):.3f}]"]
         cells += [f"{m:.3f} [{a:.3f},{b:.3f}]" for m, a, b in zip(means, lo, hi, strict=True)]
-        lines.append(f"{label:>16} {len(grp):>2} | " + " | ".join(f"{c:>17}" for c in cells))
+        lines.append(f"{label:>16} {len(grp):>2} | " + " | ".join(f"{c:>19}" for c in cells))
         curves = [[(h["step"], h[mode]["overall"]) for h in r["eval"]["history"] if mode in h] for r in grp]
         steps = [s for s, _ in curves[0]]
         ys = [[c[i][1] for c in curves if i < len(c)] for i in range(len(steps))]
