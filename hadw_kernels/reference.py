@@ -1,6 +1,6 @@
 """The HA-DW policy loss in plain PyTorch: the specification in code, the CPU path and the benchmark baseline.
 
-Every formula here is the one in the spec (HADW.md §2, §4, §5), in the same order:
+Every formula here is the one in the spec (docs/spec.md §2, §4, §5), in the same order:
 
 1. group statistics of the rewards -> the group-relative advantage A_hat (§2);
 2. diff = group mean - anchor, D = -sgn(A_hat) sgn(diff), Phi = lambda exp(D |diff|), A = A_hat * Phi (§4);
