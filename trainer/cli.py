@@ -54,7 +54,13 @@ def _compare(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from hadw_trainer.plots import compare
 
-    table = compare(args.runs, args.out, args.labels, args.mode)
+    runs = [r for r in args.runs if os.path.isdir(r)]
+    for r in args.runs:
+        if not os.path.isdir(r):
+            print(f"compare: skipping {r} (not a directory)", file=sys.stderr)
+    if args.labels and len(runs) != len(args.runs):
+        raise ConfigError("compare: --labels needs every argument to be a run directory")
+    table = compare(runs, args.out, args.labels, args.mode)
     print(table)
     print(f"plot: {args.out}")
     return 0
