@@ -193,3 +193,29 @@ def test_overlong_penalty():
     pen = overlong_penalty(torch.tensor([4, 6, 7, 8]), max_len=8, buffer=4, penalty=1.0)
     assert pen.tolist() == [0.0, -0.5, -0.75, -1.0]
     assert overlong_penalty(torch.tensor([8]), 8, 0, 1.0).tolist() == [0.0]
+
+
+def test_chunked_logprobs_match_whole():
+    """The checkpointed, chunked LM-head path gives the same log-probs and gradients as the one-shot path."""
+    import torch
+    from hadw_trainer.config import ModelConfig
+    from hadw_trainer.model import build_tiny_model, char_tokenizer, response_logprobs
+
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = build_tiny_model(ModelConfig(hidden_size=32, num_layers=1, intermediate_size=64), tok)
+    p_ids = torch.randint(3, len(tok), (6, 5))
+    p_mask = torch.ones_like(p_ids)
+    p_mask[0, :2] = 0  # left padding
+    r_ids = torch.randint(3, len(tok), (6, 4))
+    r_mask = torch.ones_like(r_ids)
+    r_mask[1, 2:] = 0
+    outs = []
+    for chunk in (0, 5):
+        model.zero_grad()
+        lp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature=0.7, chunk_tokens=chunk)
+        (lp * torch.arange(24.0).view(6, 4)).sum().backward()
+        outs.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

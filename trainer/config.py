@@ -57,6 +57,9 @@ class ModelConfig:
     """Parameter dtype: float32 | bfloat16 | float16 (CPU runs should stay float32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (real models with long responses)."""
+    logprob_chunk_tokens: int = 0
+    """Run the LM head + log-softmax on this many response tokens at a time, checkpointed, so the [rows, T, vocab]
+    logits never exist at once (0 = all at once; the real-model recipes use 4096)."""
 
 
 @dataclass
@@ -324,7 +327,7 @@ class JobConfig:
                        ("optim.weight_decay", o.weight_decay), ("sft.steps", self.sft.steps),
                        ("eval.every", self.eval.every), ("eval.k", self.eval.k),
                        ("checkpoint.every", self.checkpoint.every), ("rollout.overlong_buffer", r.overlong_buffer),
-                       ("train.threads", self.train.threads)):
+                       ("train.threads", self.train.threads), ("model.logprob_chunk_tokens", m.logprob_chunk_tokens)):
             positive(key, v, zero_ok=True)
         if r.overlong_buffer >= r.max_new_tokens > 0 and r.overlong_buffer:
             errs.append(f"rollout.overlong_buffer={r.overlong_buffer} must be < rollout.max_new_tokens="

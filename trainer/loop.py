@@ -188,12 +188,14 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
         t_roll = time.time()
         gen = batch.gen
         rows_per_call = a.micro_batch_prompts * r.group_size
-        old_lp = batch_logprobs(model, gen, rows_per_call, r.temperature)  # recomputed by the current policy
-        ref_lp = batch_logprobs(ref, gen, rows_per_call, r.temperature) if ref is not None else None
+        chunk = cfg.model.logprob_chunk_tokens
+        # old log-probs: recomputed by the policy before any update of this step
+        old_lp = batch_logprobs(model, gen, rows_per_call, r.temperature, chunk)
+        ref_lp = batch_logprobs(ref, gen, rows_per_call, r.temperature, chunk) if ref is not None else None
         stats = update(model, optimizer, gen, batch.rewards, old_lp, prior, loss_cfg, group_size=r.group_size,
                        mini_prompts=a.mini_batch_prompts // world, micro_prompts=a.micro_batch_prompts,
                        epochs=a.ppo_epochs, grad_clip=o.grad_clip, temperature=r.temperature, backend=a.backend,
-                       ref_logprobs=ref_lp)
+                       ref_logprobs=ref_lp, chunk_tokens=chunk)
         engine.sync_weights(model)
         t_end = time.time()
         adv = hadw_advantages(batch.rewards, group_size=r.group_size, anchor=prior, config=loss_cfg)

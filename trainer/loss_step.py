@@ -32,7 +32,8 @@ def _rows(gen: Generation, sl: slice) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def batch_logprobs(model: torch.nn.Module, gen: Generation, rows_per_call: int, temperature: float) -> torch.Tensor:
+def batch_logprobs(model: torch.nn.Module, gen: Generation, rows_per_call: int, temperature: float,
+                   chunk_tokens: int = 0) -> torch.Tensor:
     """[N, T] log-probs of the sampled responses under `model` (the policy before the update = old log-probs, or
     the reference policy), computed in chunks of whole groups."""
     was_training = model.training
@@ -42,7 +43,7 @@ def batch_logprobs(model: torch.nn.Module, gen: Generation, rows_per_call: int, 
         for i in range(0, gen.response_ids.shape[0], rows_per_call):
             sl = slice(i, i + rows_per_call)
             p_ids, p_mask, r_ids, r_mask = _rows(gen, sl)
-            lp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature)
+            lp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature, chunk_tokens)
             out[sl, :lp.shape[1]] = lp.float().cpu()
     finally:
         model.train(was_training)
@@ -53,7 +54,7 @@ def update(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, gen: Generation, rewards: torch.Tensor,
     old_logprobs: torch.Tensor, prior: float, loss_cfg: LossConfig, *, group_size: int, mini_prompts: int,
     micro_prompts: int, epochs: int, grad_clip: float, temperature: float, backend: str,
-    ref_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None, chunk_tokens: int = 0,
 ) -> dict[str, Any]:
     """All optimizer steps of one RL step on this rank's rollout batch. Returns metrics averaged over the
     optimizer steps (this rank; the loop reduces them over ranks). `loss` is the mean mini-batch loss."""
@@ -73,7 +74,7 @@ def update(
             for s in micro:
                 p_ids, p_mask, r_ids, r_mask = (t.to(device) for t in _rows(gen, s))
                 T = r_ids.shape[1]
-                lp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature)
+                lp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature, chunk_tokens)
                 out = hadw_loss(
                     lp, old_logprobs[s, :T].to(device), rewards[s].to(device), r_mask, group_size=G, anchor=prior,
                     config=loss_cfg, normalizer=max(normalizer, 1.0),

@@ -61,7 +61,7 @@ def paper_run(model: str, loss: str, hadw: bool) -> JobConfig:
     weight decay 0.1, 10 warm-up steps, clip 1.0, no KL, 4096-token responses, 3 epochs (DAPO: 9)."""
     return JobConfig(
         recipe=f"{model}-{loss}{'-hadw' if hadw else ''}",
-        model=ModelConfig(path=None, dtype="bfloat16", gradient_checkpointing=True),
+        model=ModelConfig(path=None, dtype="bfloat16", gradient_checkpointing=True, logprob_chunk_tokens=4096),
         task=TaskConfig(name="jsonl", path=None, prompt_template=PAPER_PROMPT, reward="math_verify",
                         chat_template=model.endswith("instruct"), max_prompt_len=1024, eval_per_level=0),
         rollout=RolloutConfig(prompts_per_step=256, group_size=8, max_new_tokens=4096, temperature=1.0,
@@ -80,7 +80,7 @@ def math_sample() -> JobConfig:
     """The math pipeline on the shipped sample with tiny sizes: give it any local model (`model.path`)."""
     cfg = paper_run("sample", "grpo", True)
     cfg.recipe = "math-sample"
-    cfg.model = ModelConfig(path=None, dtype="float32")
+    cfg.model = ModelConfig(path=None, dtype="float32", logprob_chunk_tokens=16)
     cfg.task.path = shipped_math_sample()
     cfg.rollout = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=32)
     cfg.algo = AlgoConfig(loss="grpo", hadw=True, mini_batch_prompts=4, micro_batch_prompts=2, backend="torch")
