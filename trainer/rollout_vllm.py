@@ -34,6 +34,7 @@ Install: `pip install 'hadw-kernels[vllm]'` on CUDA machines, `pip install 'hadw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -76,6 +77,22 @@ def _full_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
         yield name, t.detach()
+
+
+def _save_for_vllm(model: torch.nn.Module, tokenizer: Any, path: str) -> None:
+    """config.json + model.safetensors + tokenizer files, written by every rank that calls it (transformers'
+    `save_pretrained` writes nothing on torch.distributed ranks other than 0, and each rank needs its own copy)."""
+    from safetensors.torch import save_file
+
+    model.config.to_json_file(os.path.join(path, "config.json"))
+    seen, tensors = set(), {}
+    for name, t in _full_named_tensors(model):
+        if t.data_ptr() in seen:  # tied weights (lm_head = embed_tokens): vLLM ties them itself
+            continue
+        seen.add(t.data_ptr())
+        tensors[name] = t.contiguous().cpu()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(path)
 
 
 class VLLMRollout:
@@ -125,9 +142,7 @@ class VLLMRollout:
         if model_path is None:
             self._tmpdir = tempfile.mkdtemp(prefix="hadw-vllm-", dir=workdir)
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
-            from hadw_trainer.model import save_model
-
-            save_model(model, tokenizer, self._tmpdir)
+            _save_for_vllm(model, tokenizer, self._tmpdir)
         path = model_path or self._tmpdir
 
         # Ranks of one tensor-parallel group share an engine; vLLM's external_launcher backend builds its groups
@@ -164,12 +179,12 @@ class VLLMRollout:
         py_state, torch_state = random.getstate(), torch.get_rng_state()
         cuda_state = torch.cuda.get_rng_state_all() if on_gpu else None
         np_state = _numpy_state()
-        quiet = logging.getLogger("vllm.renderers.base")
-        quiet.addFilter(_drop_chat_warmup_failure)
         try:
-            self.llm = vllm.LLM(**kwargs)
+            # with skip_tokenizer_init, vLLM 0.32 still warms up chat rendering, fails for want of a tokenizer and
+            # logs a traceback; nothing here renders chats
+            with _drop_log("vllm.renderers.base", "Chat template warmup failed"):
+                self.llm = vllm.LLM(**kwargs)
         finally:
-            quiet.removeFilter(_drop_chat_warmup_failure)
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
             random.setstate(py_state)
@@ -204,7 +219,9 @@ class VLLMRollout:
         inside `deepspeed.zero.GatheredParameters(model.parameters())`. Costs one in-memory copy of the weights.
         """
         self._wake(["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _full_named_tensors(model)})
+        # the rotary cos/sin cache is a vLLM buffer with no checkpoint tensor; vLLM keeps it and logs a warning
+        with _drop_log("vllm.model_executor.model_loader.reload.layerwise", "RotaryEmbedding: Failed to load weights"):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _full_named_tensors(model)})
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self._weights_stale = False
 
@@ -277,10 +294,19 @@ class VLLMRollout:
         return self.llm.generate(prompts, params, use_tqdm=False)
 
 
-def _drop_chat_warmup_failure(record: logging.LogRecord) -> bool:
-    # With skip_tokenizer_init, vLLM 0.32's LLM() still warms up chat-template rendering, fails for want of a
-    # tokenizer and logs the traceback as a warning; nothing here uses chat rendering.
-    return "Chat template warmup failed" not in record.getMessage()
+@contextlib.contextmanager
+def _drop_log(logger: str, message: str) -> Iterator[None]:
+    """Drop one known-harmless vLLM log message (exact text) while the block runs."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.getMessage() != message
+
+    log = logging.getLogger(logger)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 def _numpy_state(state: Any = None) -> Any:

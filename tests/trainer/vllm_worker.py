@@ -1,4 +1,6 @@
-"""Run in a subprocess by tests/test_vllm_rollout.py (vLLM pins threads and reseeds the process it lives in).
+"""Run in a subprocess by tests/test_vllm_rollout.py (vLLM pins threads and reseeds the process it lives in),
+either alone or under torchrun (two gloo ranks, one engine each through vLLM's external_launcher backend; each
+rank samples its own prompts, and the trainer's collectives must still work next to the engines).
 
 Builds the tiny char-level Qwen2 policy, starts a `VLLMRollout` on it, and checks the engine against the HF model
 and `HFRollout`: sampling log-probs vs `response_logprobs`, before and after a weight push; the Generation
@@ -12,6 +14,7 @@ import sys
 import time
 
 import torch
+from hadw_trainer import distributed as dist
 from hadw_trainer.config import ModelConfig
 from hadw_trainer.model import build_tiny_model, char_tokenizer, response_logprobs
 from hadw_trainer.rollout import Generation, HFRollout
@@ -58,17 +61,21 @@ def max_logprob_diff(model, gen: Generation, temperature: float) -> float:
 
 
 def main() -> None:
+    dist.init()
     torch.set_num_threads(int(os.environ.get("WORKER_THREADS", "2")))
     t0 = time.time()
-    torch.manual_seed(0)
+    rank = dist.rank()
+    prompts = PROMPTS[rank:] + PROMPTS[:rank]  # each rank its own batch
+    torch.manual_seed(0)  # the same policy on every rank
     tok = char_tokenizer()
     model = build_tiny_model(ModelConfig(), tok)
     eos = tok.eos_token_id
-    res: dict = {}
+    res: dict = {"rank": rank, "world_size": dist.world_size()}
 
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     t = time.time()
-    engine = VLLMRollout(model, tok, seed=0, engine_kwargs={"block_size": 32})
+    engine = VLLMRollout(model, tok, seed=0, workdir=os.environ.get("HADW_VLLM_WORKDIR"),
+                         engine_kwargs={"block_size": 32})
     res["engine_start_s"] = round(time.time() - t, 2)
     assert torch.get_num_threads() == threads, "VLLMRollout changed the trainer's torch threads"
     assert torch.equal(torch.get_rng_state(), rng), "VLLMRollout changed the trainer's torch RNG state"
@@ -76,33 +83,33 @@ def main() -> None:
 
     # 1. before any push: vLLM's sampling log-probs == the HF model's, at the sampling temperature
     t = time.time()
-    gen = engine.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP)
+    gen = engine.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP)
     res["generate_s"] = round(time.time() - t, 2)
-    check_invariants(gen, PROMPTS, N, tok, eos, MAX_NEW)
+    check_invariants(gen, prompts, N, tok, eos, MAX_NEW)
     res["diff_before"] = max_logprob_diff(model, gen, TEMP)
-    res["diff_before_t1"] = max_logprob_diff(model, engine.generate(PROMPTS, N, max_new_tokens=MAX_NEW,
+    res["diff_before_t1"] = max_logprob_diff(model, engine.generate(prompts, N, max_new_tokens=MAX_NEW,
                                                                     temperature=1.0), 1.0)
     res["eos_rows"] = int((~gen.truncated).sum())
     res["rows"] = gen.response_ids.shape[0]
 
     # the same Generation shape and invariants as HFRollout's, with identical prompt tensors
     hf = HFRollout(model, tok)
-    hf_gen = hf.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP)
-    check_invariants(hf_gen, PROMPTS, N, tok, eos, MAX_NEW)
+    hf_gen = hf.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP)
+    check_invariants(hf_gen, prompts, N, tok, eos, MAX_NEW)
     assert torch.equal(hf_gen.prompt_ids, gen.prompt_ids) and torch.equal(hf_gen.prompt_mask, gen.prompt_mask)
 
     # greedy: no log-probs, one row per prompt, the same tokens as HF's greedy decode
-    g_v = engine.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP, greedy=True)
-    g_h = hf.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP, greedy=True)
-    check_invariants(g_v, PROMPTS, 1, tok, eos, MAX_NEW)
+    g_v = engine.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP, greedy=True)
+    g_h = hf.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP, greedy=True)
+    check_invariants(g_v, prompts, 1, tok, eos, MAX_NEW)
     assert g_v.sampling_logprobs is None
     assert g_v.texts == g_h.texts, (g_v.texts, g_h.texts)
 
     # sampling seeds come from the trainer's torch RNG: the same seed, the same rollouts
     torch.manual_seed(123)
-    a = engine.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP)
+    a = engine.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP)
     torch.manual_seed(123)
-    b = engine.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP)
+    b = engine.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP)
     assert torch.equal(a.response_ids, b.response_ids)
     assert len({tuple(r) for r in a.response_ids[:N].tolist()}) > 1, "the n samples of a prompt are all equal"
 
@@ -114,20 +121,22 @@ def main() -> None:
         (-lp.sum() / gen.response_mask.sum()).backward()
         opt.step()
     model.eval()
-    stale = engine.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP)
+    stale = engine.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP)
     res["diff_stale"] = max_logprob_diff(model, stale, TEMP)  # the engine still samples from the old weights
 
     t = time.time()
     engine.sync_weights(model)
     res["sync_s"] = round(time.time() - t, 3)
-    gen2 = engine.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP)
-    check_invariants(gen2, PROMPTS, N, tok, eos, MAX_NEW)
+    gen2 = engine.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP)
+    check_invariants(gen2, prompts, N, tok, eos, MAX_NEW)
     res["diff_after"] = max_logprob_diff(model, gen2, TEMP)
-    g_v = engine.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP, greedy=True)
-    g_h = hf.generate(PROMPTS, N, max_new_tokens=MAX_NEW, temperature=TEMP, greedy=True)
+    g_v = engine.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP, greedy=True)
+    g_h = hf.generate(prompts, N, max_new_tokens=MAX_NEW, temperature=TEMP, greedy=True)
     assert g_v.texts == g_h.texts, (g_v.texts, g_h.texts)
 
+    res["all_reduce"] = dist.all_reduce_sum(torch.ones(1)).item()  # the trainer's process group still works
     engine.close()
+    dist.shutdown()
     res["total_s"] = round(time.time() - t0, 2)
     print("RESULT " + json.dumps(res), flush=True)
     for key in ("diff_before", "diff_before_t1", "diff_after"):
