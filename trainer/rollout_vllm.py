@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
 from hadw_trainer.rollout import Generation, response_mask_from_ids
 
 VLLM_INSTALL_HINT = ("VLLMRollout needs vLLM: pip install 'hadw-kernels[vllm]' on a CUDA machine, or "
@@ -77,6 +78,20 @@ def _full_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
         yield name, t.detach()
+
+
+def _check_cpu_head_dim(config: Any) -> None:
+    """The CPU build's attention kernel takes a few head sizes only; say so before vLLM fails in C++."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM layout: let the engine decide
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in sizes:
+        raise ValueError(f"vLLM's CPU attention supports head_dim in {sizes}; this model has head_dim={head_dim} "
+                         f"(hidden_size={config.hidden_size} / num_attention_heads={config.num_attention_heads}). "
+                         f"For the tiny model choose model.hidden_size / model.num_heads accordingly.")
 
 
 def _save_for_vllm(model: torch.nn.Module, tokenizer: Any, path: str) -> None:
@@ -130,6 +145,8 @@ class VLLMRollout:
                                  "per rank)")
             sleep_mode = False
         vllm = _import_vllm()
+        if not on_gpu:
+            _check_cpu_head_dim(model.config)
         self.tokenizer = tokenizer
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
             else tokenizer.eos_token_id
@@ -222,7 +239,8 @@ class VLLMRollout:
         # the rotary cos/sin cache is a vLLM buffer with no checkpoint tensor; vLLM keeps it and logs a warning
         with _drop_log("vllm.model_executor.model_loader.reload.layerwise", "RotaryEmbedding: Failed to load weights"):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _full_named_tensors(model)})
-        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        if not self._asleep:  # (sleeping dropped the cache already)
+            self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self._weights_stale = False
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import sys
 import time
 
 import torch
+
 from hadw_trainer import distributed as dist
 from hadw_trainer.config import ModelConfig
 from hadw_trainer.model import build_tiny_model, char_tokenizer, response_logprobs
