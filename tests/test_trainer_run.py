@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import torch  # noqa: E402
+
 from hadw_trainer import checkpoint as ckpt  # noqa: E402
 from hadw_trainer.logger import TIMING_KEYS  # noqa: E402
 from hadw_trainer.loop import train  # noqa: E402

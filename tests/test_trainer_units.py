@@ -198,6 +198,7 @@ def test_overlong_penalty():
 def test_chunked_logprobs_match_whole():
     """The checkpointed, chunked LM-head path gives the same log-probs and gradients as the one-shot path."""
     import torch
+
     from hadw_trainer.config import ModelConfig
     from hadw_trainer.model import build_tiny_model, char_tokenizer, response_logprobs
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from hadw_kernels import DifficultyAnchor
 from hadw_trainer import distributed as dist
 from hadw_trainer.config import AlgoConfig, JobConfig
 from hadw_trainer.rewards import REWARD_FNS, overlong_penalty
 from hadw_trainer.rollout import Generation, RolloutEngine, concat_generations, format_prompt, select_rows
 from hadw_trainer.tasks import Problem, PromptSource
-
-from hadw_kernels import DifficultyAnchor
 
 
 def build_anchor(algo: AlgoConfig) -> DifficultyAnchor:

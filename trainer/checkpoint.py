@@ -24,6 +24,7 @@ import shutil
 from typing import Any
 
 import torch
+
 from hadw_trainer import distributed as dist
 
 MANIFEST = "manifest.json"

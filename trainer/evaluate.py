@@ -10,6 +10,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+
 from hadw_trainer import distributed as dist
 from hadw_trainer.config import JobConfig
 from hadw_trainer.rewards import REWARD_FNS

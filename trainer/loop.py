@@ -15,6 +15,8 @@ import time
 from typing import Any
 
 import torch
+
+from hadw_kernels import hadw_advantages
 from hadw_trainer import checkpoint as ckpt
 from hadw_trainer import distributed as dist
 from hadw_trainer.advantage import build_anchor, collect, reward_by_level
@@ -25,8 +27,6 @@ from hadw_trainer.loss_step import batch_logprobs, update
 from hadw_trainer.model import build_tiny_model, char_tokenizer, load_model
 from hadw_trainer.rollout import HFRollout, format_prompt
 from hadw_trainer.tasks import ArithTask, Problem, PromptSource, load_jsonl
-
-from hadw_kernels import hadw_advantages
 
 
 def _problems(cfg: JobConfig) -> tuple[PromptSource, list[Problem]]:

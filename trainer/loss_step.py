@@ -12,11 +12,11 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+
+from hadw_kernels import LossConfig, hadw_loss, loss_normalizer
 from hadw_trainer import distributed as dist
 from hadw_trainer.model import response_logprobs
 from hadw_trainer.rollout import Generation
-
-from hadw_kernels import LossConfig, hadw_loss, loss_normalizer
 
 
 def group_slices(num_prompts: int, prompts_per_slice: int, group_size: int) -> list[slice]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint
+
 from hadw_trainer.config import ModelConfig
 from hadw_trainer.tasks import ARITH_CHARS
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
 from hadw_trainer.tasks import Problem
 
 

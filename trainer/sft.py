@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import torch
+
 from hadw_trainer.config import JobConfig
 from hadw_trainer.model import build_tiny_model, char_tokenizer, save_model
 from hadw_trainer.tasks import ArithTask

@@ -7,10 +7,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from trainer_tiny import tiny_config  # noqa: E402
+
 from hadw_trainer import distributed as dist  # noqa: E402
 from hadw_trainer.logger import TIMING_KEYS  # noqa: E402
 from hadw_trainer.loop import train  # noqa: E402
-from trainer_tiny import tiny_config  # noqa: E402
 
 cache, out = sys.argv[1], sys.argv[2]
 res = train(tiny_config(cache, "train.max_steps=2", "checkpoint.every=1", "eval.every=1"), out)
