@@ -6,8 +6,10 @@ checks the manifest and every hash *before* touching the model, so a corrupt or 
 and never half-loaded. Only the newest `keep_last` complete checkpoints are kept.
 
 Layout of step_N/:
-    model.safetensors     policy weights (rank 0)
-    optimizer.pt          AdamW state (rank 0; ranks are identical under data parallelism)
+    model.safetensors     policy weights (rank 0)                     } backend single / ddp
+    optimizer.pt          AdamW state (rank 0; replicas are identical) }
+    dcp/                  weights + optimizer, torch.distributed.checkpoint (every rank's shards): backend fsdp2
+    zero/                 DeepSpeed's save_checkpoint (every rank's ZeRO partitions): backend zero2 / zero3
     state.json            step, anchor, data cursor, eval history, config
     rng_rank{r}.pt        torch / python / numpy RNG states of rank r
     manifest.json         {file: sha256}, written last
@@ -100,11 +102,21 @@ def verify(path: str) -> dict[str, str]:
     return manifest
 
 
-def save(ckpt_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         state: dict[str, Any], keep_last: int) -> str | None:
-    """Write step_N atomically (collective: every rank calls it). Returns the path on rank 0."""
-    from safetensors.torch import save_file
+def _files(root: str) -> list[str]:
+    """Every file under `root`, relative, sorted (sharded formats write sub-directories)."""
+    out = []
+    for d, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(d, n), root) for n in names]
+    return sorted(out)
 
+
+def save(ckpt_dir: str, step: int, par: Any, state: dict[str, Any], keep_last: int) -> str | None:
+    """Write step_N atomically (collective: every rank calls it). Returns the path on rank 0.
+
+    `par` is the run's `hadw_trainer.parallel.Parallel`: it writes the weights and optimizer in its backend's own
+    format (safetensors + optimizer.pt for single / ddp, a DCP folder for fsdp2, DeepSpeed's for zero2 / zero3).
+    Every rank writes into the same directory, so multi-node runs need OUTPUT on a shared filesystem.
+    """
     final = os.path.join(ckpt_dir, f"step_{step}")
     tmp = os.path.join(ckpt_dir, f".tmp_step_{step}")
     if dist.is_main():
@@ -112,26 +124,22 @@ def save(ckpt_dir: str, step: int, model: torch.nn.Module, optimizer: torch.opti
         os.makedirs(tmp)
     dist.barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{dist.rank()}.pt"))
+    par.save(tmp)
     if dist.is_main():
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        # tied weights share storage; safetensors refuses shared tensors, so store each name once as a copy
-        seen: dict[int, str] = {}
-        for k, v in list(tensors.items()):
-            ptr = v.untyped_storage().data_ptr()
-            if ptr in seen:
-                tensors[k] = v.clone()
-            seen.setdefault(ptr, k)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step)})
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state, f, indent=1)
+            json.dump({**state, "backend": par.backend}, f, indent=1)
     dist.barrier()
     if not dist.is_main():
         dist.barrier()
         return None
-    files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+    files = {name: _sha256(os.path.join(tmp, name)) for name in _files(tmp)}
+    missing = [f"rng_rank{r}.pt" for r in range(dist.world_size()) if f"rng_rank{r}.pt" not in files]
+    if missing:
+        raise CheckpointError(f"{tmp}: {missing} were not written; every rank writes into OUTPUT/checkpoints, so a "
+                              f"multi-node run needs --output-dir on a filesystem shared by all nodes")
     with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump({"step": step, "world_size": dist.world_size(), "files": files}, f, indent=1)
+        json.dump({"step": step, "world_size": dist.world_size(), "backend": par.backend, "files": files}, f,
+                  indent=1)
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(final):  # re-saving a step (e.g. after a resume from an earlier one)
@@ -154,10 +162,22 @@ def latest_complete(ckpt_dir: str, log: Any = print) -> str | None:
     return None
 
 
-def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Verify, then restore weights, optimizer and this rank's RNG; returns state.json's content."""
+def load_weights(path: str, model: torch.nn.Module) -> None:
+    """model.safetensors of a single / ddp checkpoint into `model` (names must match; tied lm_head may be absent)."""
     from safetensors.torch import load_file
 
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
+def load(path: str, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
+         par: Any = None) -> dict[str, Any]:
+    """Verify, then restore weights and optimizer (through `par` when given, else into `model` / `optimizer` from a
+    single / ddp checkpoint) and this rank's RNG; returns state.json's content."""
     manifest = verify(path)
     if manifest.get("world_size", 1) != dist.world_size():
         raise CheckpointError(f"checkpoint {path} was written by {manifest.get('world_size')} ranks; this run has "
@@ -167,13 +187,18 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
         raise CheckpointError(f"checkpoint {path} has no RNG state for rank {dist.rank()}")
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    tensors = load_file(os.path.join(path, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    saved = manifest.get("backend", "single")
+    backend = par.backend if par is not None else "single"
+    same_format = {saved, backend} <= {"single", "ddp"} or saved == backend
+    if not same_format:
+        raise CheckpointError(f"checkpoint {path} was written by backend {saved!r}; this run uses {backend!r} "
+                              f"(resume with the same parallel.backend; the HF export in OUTPUT/hf loads anywhere)")
+    if par is not None:
+        par.load(path)
+    else:
+        if model is not None:
+            load_weights(path, model)
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
     set_rng_state(torch.load(rng_file, weights_only=False))
     return state

@@ -2,6 +2,8 @@
 
     hadw-train --recipe tiny-arith --output-dir runs/tiny            # the main job
     hadw-train --recipe tiny-arith --output-dir runs/tiny --resume   # continue from the latest checkpoint
+    torchrun --nproc-per-node 8 --max-restarts 3 -m hadw_trainer --backend zero3 \
+        --recipe qwen3-4b-base-grpo-hadw --output-dir runs/q4 --set ...  # 8 GPUs (docs/distributed.md)
     hadw-train --recipe qwen3-4b-base-grpo-hadw --output-dir runs/q4 \\
         --set model.path=/models/Qwen3-4B-Base --set task.path=data/math_train.jsonl
     hadw-train compare runs/grpo_s* runs/hadw_s* --out runs/compare.png
@@ -16,7 +18,7 @@ import json
 import os
 import sys
 
-from hadw_trainer.config import ConfigError, JobConfig, apply_overrides, valid_keys
+from hadw_trainer.config import PARALLEL_BACKENDS, ConfigError, JobConfig, apply_overrides, valid_keys
 from hadw_trainer.recipes import RECIPES, get_recipe
 
 
@@ -28,7 +30,10 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="where metrics, eval, plots and checkpoints go")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--seed", type=int, help="override train.seed")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint (automatic "
+                   "after a torchrun --max-restarts restart)")
+    p.add_argument("--backend", choices=PARALLEL_BACKENDS, help="override parallel.backend: how the policy is spread "
+                   "over the ranks torchrun starts (docs/distributed.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set algo.lambda_scale=1.5 optim.lr=1e-4")
     return p
@@ -41,6 +46,8 @@ def build_config(args: argparse.Namespace) -> JobConfig:
         overrides.append(f"train.max_steps={args.max_steps}")
     if getattr(args, "seed", None) is not None:
         overrides.append(f"train.seed={args.seed}")
+    if getattr(args, "backend", None) is not None:
+        overrides.append(f"parallel.backend={args.backend}")
     return apply_overrides(cfg, overrides)
 
 

@@ -29,6 +29,7 @@ TASKS = ("arith", "jsonl")
 REWARDS = ("exact", "math_verify")
 ARCHS = ("qwen2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
+PARALLEL_BACKENDS = ("single", "ddp", "fsdp2", "zero2", "zero3")
 
 
 class ConfigError(ValueError):
@@ -227,6 +228,20 @@ class CheckpointConfig:
     """Keep the newest K complete checkpoints (older ones are deleted after a successful save)."""
     save_final: bool = True
     """Save at the last step."""
+    export_hf: bool = True
+    """At the end, write the consolidated policy as a Hugging Face model directory (config.json, model.safetensors,
+    tokenizer) to OUTPUT/hf, whatever the backend (sharded weights are gathered first)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the policy is spread over the ranks torchrun starts (see hadw_trainer.parallel and docs/distributed.md)."""
+
+    backend: str = "single"
+    """single (no wrapper; under torchrun the replicas' gradients are summed by one all-reduce) | ddp (torch
+    DistributedDataParallel) | fsdp2 (torch fully_shard) | zero2 / zero3 (DeepSpeed ZeRO stage 2 / 3)."""
+    offload: bool = False
+    """zero2 / zero3: keep the optimizer state (zero3: and the parameters) in CPU memory (DeepSpeed offload)."""
 
 
 @dataclass
@@ -263,6 +278,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,6 +320,14 @@ class JobConfig:
         choice("algo.loss", a.loss, LOSS_PRESETS)
         choice("algo.anchor_mode", a.anchor_mode, ANCHOR_MODES)
         choice("algo.backend", a.backend, LOSS_BACKENDS)
+        choice("parallel.backend", self.parallel.backend, PARALLEL_BACKENDS)
+        if self.parallel.offload and not self.parallel.backend.startswith("zero"):
+            errs.append(f"parallel.offload=true is DeepSpeed's CPU offload; it needs parallel.backend=zero2 or zero3 "
+                        f"(not {self.parallel.backend!r})")
+        if m.logprob_chunk_tokens and self.parallel.backend in ("ddp", "fsdp2"):
+            errs.append(f"model.logprob_chunk_tokens={m.logprob_chunk_tokens} runs the LM head outside the model's "
+                        f"forward, which parallel.backend={self.parallel.backend} does not see; use 0, or backend "
+                        f"single / zero2 / zero3")
         if t.name == "jsonl" and not t.path:
             errs.append("task.name='jsonl' needs task.path=FILE.jsonl (fields: problem, answer, optional level)")
         if t.name == "jsonl" and not m.path:
@@ -358,7 +382,8 @@ class JobConfig:
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig, "task": TaskConfig, "sft": SFTConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
-    "optim": OptimConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig, "train": TrainConfig,
+    "optim": OptimConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig, "parallel": ParallelConfig,
+    "train": TrainConfig,
 }
 
 

@@ -3,7 +3,8 @@
 Under `torchrun` (WORLD_SIZE > 1) `init()` starts a process group (gloo on CPU, nccl on CUDA). Each rank keeps
 its own slice of every global batch; gradients are *summed* over ranks after the micro-batch loop, because every
 rank's loss is already divided by the global normaliser (so the sum is the whole batch's gradient, exactly).
-The distributed issue replaces `sum_gradients` with DDP / FSDP2 / ZeRO backends behind the same loop.
+`sum_gradients` is what backend `single` uses; `hadw_trainer.parallel` wraps the policy for the DDP / FSDP2 /
+ZeRO backends, which reduce gradients themselves (also as a SUM).
 """
 
 from __future__ import annotations

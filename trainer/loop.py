@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +26,8 @@ from hadw_trainer.config import JobConfig
 from hadw_trainer.evaluate import evaluate, format_eval_table
 from hadw_trainer.logger import RunLogger
 from hadw_trainer.loss_step import batch_logprobs, update
-from hadw_trainer.model import build_tiny_model, char_tokenizer, load_model
+from hadw_trainer.model import build_tiny_model, char_tokenizer, load_model, save_model
+from hadw_trainer.parallel import Parallel
 from hadw_trainer.rollout import HFRollout, format_prompt
 from hadw_trainer.tasks import ArithTask, Problem, PromptSource, load_jsonl
 
@@ -102,10 +105,38 @@ def _reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, Any]:
-    """Run a job; returns {'final_eval': ..., 'metrics': last step's metrics, 'output_dir': ...}."""
+def _restarted() -> int:
+    """How often torchrun (--max-restarts) has restarted this worker group (0 on the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _maybe_crash(step: int) -> None:
+    """Test hook: HADW_TEST_CRASH="RANK:STEP" kills that rank hard at the start of that step, on the first start
+    only (torchrun restarts the group; tests/test_trainer_distributed.py checks that no step is lost)."""
+    spec = os.environ.get("HADW_TEST_CRASH")
+    if spec and _restarted() == 0:
+        r, s = (int(x) for x in spec.split(":"))
+        if r == dist.rank() and s == step:
+            print(f"HADW_TEST_CRASH: rank {r} exits at step {s}", flush=True)
+            os._exit(17)
+
+
+def _engine(cfg: JobConfig, par: Parallel, tok: Any) -> Any:
+    return HFRollout(par.rollout_module, tok, cfg.rollout.chunk_prompts, cfg.rollout.sampling_logprobs)
+
+
+def train(cfg: JobConfig, output_dir: str, resume: bool = False,
+          engine_factory: Callable[[torch.nn.Module, Any], Any] | None = None) -> dict[str, Any]:
+    """Run a job; returns {'final_eval': ..., 'metrics': last step's metrics, 'output_dir': ...}.
+
+    Under torchrun every rank calls this. After a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) the run resumes
+    from its latest complete checkpoint, as if `resume` were given. `engine_factory(model, tokenizer)` replaces the
+    rollout engine (tests feed a fixed batch through it).
+    """
     dist.init()
     cfg.validate(dist.world_size())
+    if not resume and _restarted():
+        resume = True  # torchrun --max-restarts: continue from the latest complete checkpoint
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     os.makedirs(output_dir, exist_ok=True)
@@ -127,6 +158,7 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
     model, tok = _policy(cfg, log)
     model.train()
     dist.broadcast_model(model)
+    n_params = sum(p.numel() for p in model.parameters())
     loss_cfg = cfg.algo.loss_config()
     if cfg.algo.loss == "dr_grpo" and loss_cfg.norm_len is None:
         loss_cfg = loss_cfg.replace(norm_len=cfg.rollout.max_new_tokens)  # Dr. GRPO divides by the budget
@@ -134,15 +166,17 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
     if loss_cfg.kl_coef > 0:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    par = Parallel.build(cfg, model)
+    optimizer = par.optimizer
     anchor = build_anchor(cfg.algo)
     source, eval_problems = _problems(cfg)
-    engine = HFRollout(model, tok, cfg.rollout.chunk_prompts, cfg.rollout.sampling_logprobs)
+    engine = engine_factory(par.rollout_module, tok) if engine_factory else _engine(cfg, par, tok)
     if cfg.task.name == "jsonl":
         _drop_long_prompts(source, cfg, tok, log)
     history: list[dict] = []
     if resume_from is not None:
-        state = ckpt.load(resume_from, model, optimizer)
+        state = ckpt.load(resume_from, None, None, par)
+        engine.sync_weights(par.rollout_module)
         anchor.load_state_dict(state["anchor"])
         source.load_state_dict(state["data"])
         history = state["eval_history"]
@@ -157,10 +191,9 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
     if dist.is_main():
         with open(os.path.join(output_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
-    n_params = sum(p.numel() for p in model.parameters())
     log(f"recipe {cfg.recipe}: {cfg.algo.loss}{'+HA-DW' if cfg.algo.hadw else ''}, {n_params / 1e6:.2f}M params, "
         f"{cfg.rollout.prompts_per_step} prompts x G={cfg.rollout.group_size} per step, {cfg.train.max_steps} steps, "
-        f"world_size {dist.world_size()}, output {output_dir}")
+        f"world_size {dist.world_size()}, backend {cfg.parallel.backend}, output {output_dir}")
     logger.close()
     logger = RunLogger(output_dir, dist.is_main(), cfg.train.tensorboard, cfg.train.progress, cfg.train.max_steps,
                        start=start, log_every=cfg.train.log_every)
@@ -179,6 +212,7 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
     metrics: dict[str, Any] = {}
     t_run = time.time()
     for step in range(start + 1, cfg.train.max_steps + 1):
+        _maybe_crash(step)
         t0 = time.time()
         lr = o.lr * _lr_factor(step, o.warmup_steps)
         for g in optimizer.param_groups:
@@ -190,13 +224,14 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
         rows_per_call = a.micro_batch_prompts * r.group_size
         chunk = cfg.model.logprob_chunk_tokens
         # old log-probs: recomputed by the policy before any update of this step
-        old_lp = batch_logprobs(model, gen, rows_per_call, r.temperature, chunk)
+        old_lp = batch_logprobs(par.model, gen, rows_per_call, r.temperature, chunk)
         ref_lp = batch_logprobs(ref, gen, rows_per_call, r.temperature, chunk) if ref is not None else None
-        stats = update(model, optimizer, gen, batch.rewards, old_lp, prior, loss_cfg, group_size=r.group_size,
+        stats = update(par, gen, batch.rewards, old_lp, prior, loss_cfg, group_size=r.group_size,
                        mini_prompts=a.mini_batch_prompts // world, micro_prompts=a.micro_batch_prompts,
                        epochs=a.ppo_epochs, grad_clip=o.grad_clip, temperature=r.temperature, backend=a.backend,
                        ref_logprobs=ref_lp, chunk_tokens=chunk)
-        engine.sync_weights(model)
+        par.sync_rollout()
+        engine.sync_weights(par.rollout_module)
         t_end = time.time()
         adv = hadw_advantages(batch.rewards, group_size=r.group_size, anchor=prior, config=loss_cfg)
         mask = gen.response_mask.float()
@@ -233,10 +268,19 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
         if (c.every and step % c.every == 0) or (last and c.save_final):
             state = {"step": step, "anchor": anchor.state_dict(), "data": source.state_dict(),
                      "eval_history": history, "config": cfg.to_dict()}
-            path = ckpt.save(ckpt_dir, step, model, optimizer, state, c.keep_last)
+            path = ckpt.save(ckpt_dir, step, par, state, c.keep_last)
             if path:
                 log(f"checkpoint: {path}")
     logger.close()
+    if cfg.checkpoint.export_hf and dist.is_main():
+        hf_dir = os.path.join(output_dir, "hf")
+        tmp = hf_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(par.rollout_module, tok, tmp)  # full weights: the replica is synced after every step
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        os.replace(tmp, hf_dir)
+        log(f"exported the policy as a Hugging Face model: {hf_dir}")
+    dist.barrier()
     if dist.is_main() and cfg.train.plots:
         try:
             from hadw_trainer.plots import plot_run
@@ -250,4 +294,4 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False) -> dict[str, An
               else format_eval_table(history))
         print(f"outputs: {output_dir}/metrics.jsonl, eval.json, plots/, checkpoints/")
     return {"final_eval": history[-1] if history else None, "metrics": metrics, "output_dir": output_dir,
-            "anchor": anchor.state_dict(), "step": cfg.train.max_steps, "model": model, "tokenizer": tok}
+            "anchor": anchor.state_dict(), "step": cfg.train.max_steps, "model": par.rollout_module, "tokenizer": tok}

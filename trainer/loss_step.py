@@ -16,6 +16,7 @@ import torch
 from hadw_kernels import LossConfig, hadw_loss, loss_normalizer
 from hadw_trainer import distributed as dist
 from hadw_trainer.model import response_logprobs
+from hadw_trainer.parallel import Parallel
 from hadw_trainer.rollout import Generation
 
 
@@ -51,16 +52,18 @@ def batch_logprobs(model: torch.nn.Module, gen: Generation, rows_per_call: int, 
 
 
 def update(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, gen: Generation, rewards: torch.Tensor,
+    par: Parallel, gen: Generation, rewards: torch.Tensor,
     old_logprobs: torch.Tensor, prior: float, loss_cfg: LossConfig, *, group_size: int, mini_prompts: int,
     micro_prompts: int, epochs: int, grad_clip: float, temperature: float, backend: str,
     ref_logprobs: torch.Tensor | None = None, chunk_tokens: int = 0,
 ) -> dict[str, Any]:
-    """All optimizer steps of one RL step on this rank's rollout batch. Returns metrics averaged over the
-    optimizer steps (this rank; the loop reduces them over ranks). `loss` is the mean mini-batch loss."""
+    """All optimizer steps of one RL step on this rank's rollout batch, through the backend `par` (which owns the
+    wrapped model, the optimizer and the cross-rank gradient reduction). Returns metrics averaged over the optimizer
+    steps (this rank; the loop reduces them over ranks). `loss` is the mean mini-batch loss."""
+    model = par.model
     G = group_size
     n_prompts = rewards.numel() // G
-    device = next(model.parameters()).device
+    device = next(par.rollout_module.parameters()).device
     sums: dict[str, float] = defaultdict(float)
     n_updates = 0
     for _ in range(epochs):
@@ -69,35 +72,31 @@ def update(
                      for s in group_slices((mini.stop - mini.start) // G, micro_prompts, G)]
             local = sum(loss_normalizer(gen.response_mask[s], loss_cfg) for s in micro)
             normalizer = dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item()
-            optimizer.zero_grad(set_to_none=True)
+            par.zero_grad()
             mini_loss, mini_metrics = 0.0, defaultdict(float)
-            for s in micro:
+            for i, s in enumerate(micro):
                 p_ids, p_mask, r_ids, r_mask = (t.to(device) for t in _rows(gen, s))
                 T = r_ids.shape[1]
-                lp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature, chunk_tokens)
-                out = hadw_loss(
-                    lp, old_logprobs[s, :T].to(device), rewards[s].to(device), r_mask, group_size=G, anchor=prior,
-                    config=loss_cfg, normalizer=max(normalizer, 1.0),
-                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[s, :T].to(device), backend=backend,
-                )
-                out.loss.backward()
+                with par.accumulating(last=i == len(micro) - 1):
+                    lp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature, chunk_tokens)
+                    out = hadw_loss(
+                        lp, old_logprobs[s, :T].to(device), rewards[s].to(device), r_mask, group_size=G,
+                        anchor=prior, config=loss_cfg, normalizer=max(normalizer, 1.0),
+                        ref_logprobs=None if ref_logprobs is None else ref_logprobs[s, :T].to(device),
+                        backend=backend,
+                    )
+                    par.backward(out.loss)
                 mini_loss += out.loss.item()
                 for k, v in out.metrics.items():
                     mini_metrics[k] += float(v) / len(micro)
-            dist.sum_gradients(model)
-            if grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            else:
-                gnorm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-            optimizer.step()
+            gnorm = par.step(grad_clip)
             n_updates += 1
             sums["loss"] += mini_loss
             sums["grad_norm"] += float(gnorm)
             for k, v in mini_metrics.items():
                 if k not in ("num_tokens", "num_seqs"):
                     sums[k] += v
-    optimizer.zero_grad(set_to_none=True)
+    par.zero_grad()
     out_metrics = {k: v / max(1, n_updates) for k, v in sums.items()}
     out_metrics["optimizer_steps"] = n_updates
     return out_metrics

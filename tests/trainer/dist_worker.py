@@ -1,0 +1,88 @@
+"""Run under torchrun by tests/test_trainer_distributed.py: several short tiny-arith jobs per launch (a launch costs
+10-16 s), one per backend, each rank dumping what it holds to OUT/<run>/rank<r>.json.
+
+    python -m torch.distributed.run --nproc-per-node 2 dist_worker.py CACHE OUT BACKEND[,BACKEND...]
+
+For each backend: `fixed_<b>` trains on a fixed batch (FixedRollout: the same responses on any number of ranks, so
+the test compares it with a single-process run), and for fsdp2 / zero2 / zero3 `full_<b>` (3 steps) and `res_<b>`
+(2 steps, then resumed to 3) check that the backend's sharded checkpoint resumes exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from trainer_tiny import tiny_config  # noqa: E402
+
+from hadw_trainer import distributed as dist  # noqa: E402
+from hadw_trainer.logger import TIMING_KEYS  # noqa: E402
+from hadw_trainer.rollout import HFRollout, concat_generations  # noqa: E402
+
+# The fixed-batch runs: one optimizer step per RL step (so a global mini-batch holds the same prompts on any
+# number of ranks) and no evaluation (it would draw from the engine).
+FIXED = ("algo.mini_batch_prompts=8", "algo.micro_batch_prompts=2", "eval.greedy=false", "eval.k=0")
+RESUMABLE = ("fsdp2", "zero2", "zero3")
+
+
+class FixedRollout:
+    """HF sampling, one prompt per `generate` call, seeded by (call number, the prompt's index in the global batch):
+    rank r of W holds global prompts r*P ... r*P+P-1, so every prompt gets the same responses whatever W is."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+        self.inner = HFRollout(model, tokenizer)
+        self.pad = tokenizer.pad_token_id
+        self.calls = 0
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Nothing: `inner` generates with the (synced) full-weight module itself."""
+
+    def generate(self, prompts, n, **kw):
+        self.calls += 1
+        parts = []
+        for i, p in enumerate(prompts):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1_000_003 * self.calls + dist.rank() * len(prompts) + i)
+                parts.append(self.inner.generate([p], n, **kw))
+        return concat_generations(parts, self.pad)
+
+
+def dump(res: dict, out: str) -> None:
+    params = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in res["model"].parameters()))
+    rows = []
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
+    norms = [p.detach().double().norm().item() for p in res["model"].parameters()]
+    state = {"rank": dist.rank(), "param_norms": norms, "world_size": dist.world_size(), "anchor": res["anchor"],
+             "metrics": {k: v for k, v in res["metrics"].items() if k not in TIMING_KEYS},
+             "final_eval": res["final_eval"], "params": params.hexdigest(), "rows": rows}
+    with open(os.path.join(out, f"rank{dist.rank()}.json"), "w") as f:
+        json.dump(state, f)
+
+
+def main() -> None:
+    from hadw_trainer.loop import train
+
+    cache, out, backends = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    for b in backends:
+        run = os.path.join(out, f"fixed_{b}")
+        dump(train(tiny_config(cache, f"parallel.backend={b}", *FIXED), run, engine_factory=FixedRollout), run)
+        if b in RESUMABLE:
+            common = (f"parallel.backend={b}", "checkpoint.every=2", "eval.every=2")
+            run = os.path.join(out, f"full_{b}")
+            dump(train(tiny_config(cache, "train.max_steps=3", *common), run), run)
+            run = os.path.join(out, f"res_{b}")
+            train(tiny_config(cache, "train.max_steps=2", *common), run)
+            dump(train(tiny_config(cache, "train.max_steps=3", *common), run, resume=True), run)
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
