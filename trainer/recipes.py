@@ -5,7 +5,8 @@
 - `tiny-arith-{dapo,gspo}[-hadw]`: the same task with the other presets.
 - `{model}-{grpo,dapo,gspo}[-hadw]`: the paper's runs (its Table 8), for model in qwen3-4b-base, qwen3-8b-base,
   llama3.2-3b-instruct. They need `--set model.path=LOCAL_HF_DIR task.path=MATH_TRAIN.jsonl` (nothing is
-  downloaded) and, at the paper's scale, 8 GPUs (the distributed issue adds the launch).
+  downloaded) and 8 GPUs: `torchrun --nproc-per-node 8 -m hadw_trainer --recipe ...` (ZeRO-2, colocated vLLM
+  rollouts; docs/distributed.md).
 - `math-sample`: the math pipeline on the shipped JSONL sample (smoke test; give it any local model).
 """
 
@@ -21,6 +22,7 @@ from hadw_trainer.config import (
     JobConfig,
     ModelConfig,
     OptimConfig,
+    ParallelConfig,
     RolloutConfig,
     SFTConfig,
     TaskConfig,
@@ -57,20 +59,28 @@ def tiny_arith(loss: str = "grpo", hadw: bool = True) -> JobConfig:
 
 
 def paper_run(model: str, loss: str, hadw: bool) -> JobConfig:
-    """The paper's Table 8 settings (spec §6): MATH, 256 prompts x G=8, mini-batch 16, micro-batch 4, lr 1e-6,
+    """The paper's Table 8 settings (spec §6): MATH, 256 prompts x G=8, mini-batch 16, micro-batch 1 prompt, lr 1e-6,
     weight decay 0.1, 10 warm-up steps, clip 1.0, no KL, 4096-token responses, 3 epochs (DAPO: 9)."""
     return JobConfig(
         recipe=f"{model}-{loss}{'-hadw' if hadw else ''}",
         model=ModelConfig(path=None, dtype="bfloat16", gradient_checkpointing=True, logprob_chunk_tokens=4096),
         task=TaskConfig(name="jsonl", path=None, prompt_template=PAPER_PROMPT, reward="math_verify",
                         chat_template=model.endswith("instruct"), max_prompt_len=1024, eval_per_level=0),
-        rollout=RolloutConfig(prompts_per_step=256, group_size=8, max_new_tokens=4096, temperature=1.0,
-                              chunk_prompts=32, sampling_logprobs=False),
-        algo=AlgoConfig(loss=loss, hadw=hadw, lambda_scale=1.3, mini_batch_prompts=16, micro_batch_prompts=4,
+        # vLLM colocated on each GPU (the paper's setup); its sampling log-probs cost nothing, unlike HF generate's
+        rollout=RolloutConfig(engine="vllm", prompts_per_step=256, group_size=8, max_new_tokens=4096,
+                              temperature=1.0, chunk_prompts=32, sampling_logprobs=True,
+                              vllm_gpu_memory_utilization=0.4),
+        # micro-batches hold whole groups and count prompts per rank: on 8 GPUs a 16-prompt mini-batch is 2 prompts
+        # (16 responses) per GPU, done as 2 micro-batches of 1 prompt (the paper's 4 counts responses per GPU,
+        # which would split a group of 8; the loss does not depend on the split)
+        algo=AlgoConfig(loss=loss, hadw=hadw, lambda_scale=1.3, mini_batch_prompts=16, micro_batch_prompts=1,
                         backend="auto"),
         optim=OptimConfig(lr=1e-6, weight_decay=0.1, warmup_steps=10, grad_clip=1.0),
         eval=EvalConfig(every=20, k=0, greedy=True, batch_prompts=64),
         checkpoint=CheckpointConfig(every=20, keep_last=2),
+        # ZeRO-2: optimizer state and gradients sharded over the 8 GPUs, full bf16 weights on each (what the chunked
+        # LM head and the colocated vLLM engine read directly); 3B-8B fit an 80 GB GPU this way
+        parallel=ParallelConfig(backend="zero2"),
         # 7.5k MATH problems / 256 per step ~ 29 steps per epoch; 3 epochs (DAPO 9)
         train=TrainConfig(max_steps=(9 if loss == "dapo" else 3) * 30, seed=0, threads=0),
     )
@@ -83,6 +93,7 @@ def math_sample() -> JobConfig:
     cfg.model = ModelConfig(path=None, dtype="float32", logprob_chunk_tokens=16)
     cfg.task.path = shipped_math_sample()
     cfg.rollout = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=32)
+    cfg.parallel = ParallelConfig()
     cfg.algo = AlgoConfig(loss="grpo", hadw=True, mini_batch_prompts=4, micro_batch_prompts=2, backend="torch")
     cfg.optim = OptimConfig(lr=1e-5, warmup_steps=0)
     cfg.eval = EvalConfig(every=0, k=0, greedy=True, batch_prompts=16)

@@ -1,11 +1,12 @@
 """Run under torchrun by tests/test_trainer_distributed.py: several short tiny-arith jobs per launch (a launch costs
 10-16 s), one per backend, each rank dumping what it holds to OUT/<run>/rank<r>.json.
 
-    python -m torch.distributed.run --nproc-per-node 2 dist_worker.py CACHE OUT BACKEND[,BACKEND...]
+    python -m torch.distributed.run --nproc-per-node 2 dist_worker.py CACHE OUT BACKEND|VARIANT[,...]
 
 For each backend: `fixed_<b>` trains on a fixed batch (FixedRollout: the same responses on any number of ranks, so
 the test compares it with a single-process run), and for fsdp2 / zero2 / zero3 `full_<b>` (3 steps) and `res_<b>`
-(2 steps, then resumed to 3) check that the backend's sharded checkpoint resumes exactly.
+(2 steps, then resumed to 3) check that the backend's sharded checkpoint resumes exactly. A VARIANT (below) is a
+backend with an option (CPU offload, chunked LM-head log-probs), run on the fixed batch only.
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ from hadw_trainer.rollout import HFRollout, concat_generations  # noqa: E402
 
 # The fixed-batch runs: one optimizer step per RL step (so a global mini-batch holds the same prompts on any
 # number of ranks) and no evaluation (it would draw from the engine).
-FIXED = ("algo.mini_batch_prompts=8", "algo.micro_batch_prompts=2", "eval.greedy=false", "eval.k=0")
+FIXED = ("algo.mini_batch_prompts=8", "algo.micro_batch_prompts=2", "eval.greedy=false", "eval.k=0",
+         "parallel.timeout_s=120")  # a desynchronised collective fails in 2 min instead of hanging for 10
 RESUMABLE = ("fsdp2", "zero2", "zero3")
+# Fixed-batch runs of options on top of a backend (run name -> overrides).
+VARIANTS = {
+    "zero2_offload": ("parallel.backend=zero2", "parallel.offload=true"),
+    "zero3_offload": ("parallel.backend=zero3", "parallel.offload=true"),
+    "zero2_chunked": ("parallel.backend=zero2", "model.logprob_chunk_tokens=3"),
+}
 
 
 class FixedRollout:
@@ -73,9 +81,10 @@ def main() -> None:
     cache, out, backends = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
     for b in backends:
         run = os.path.join(out, f"fixed_{b}")
-        dump(train(tiny_config(cache, f"parallel.backend={b}", *FIXED), run, engine_factory=FixedRollout), run)
+        over = VARIANTS.get(b, (f"parallel.backend={b}",))
+        dump(train(tiny_config(cache, *over, *FIXED), run, engine_factory=FixedRollout), run)
         if b in RESUMABLE:
-            common = (f"parallel.backend={b}", "checkpoint.every=2", "eval.every=2")
+            common = (f"parallel.backend={b}", "checkpoint.every=2", "eval.every=2", "parallel.timeout_s=120")
             run = os.path.join(out, f"full_{b}")
             dump(train(tiny_config(cache, "train.max_steps=3", *common), run), run)
             run = os.path.join(out, f"res_{b}")
