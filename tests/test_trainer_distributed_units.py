@@ -78,12 +78,12 @@ def test_resume_refuses_another_backends_checkpoint(tmp_path):
 
 def test_vllm_engine_wiring(tmp_path, monkeypatch):
     """rollout.engine=vllm: the loop imports hadw_trainer.rollout_vllm only then, builds VLLMRollout from the policy
-    with the config's settings, pushes weights after every update and closes it. The stand-in generates with HF, so
-    the run must equal an HF-engine run exactly."""
+    with the config's settings, sleeps it after each rollout, pushes weights after every update and closes it. The
+    stand-in generates with HF, so the run must equal an HF-engine run exactly."""
     from hadw_trainer.loop import train
     from hadw_trainer.rollout import HFRollout
 
-    calls: dict = {"init": [], "sync": 0, "close": 0}
+    calls: dict = {"init": [], "sync": 0, "close": 0, "sleep": 0}
 
     class FakeVLLMRollout(HFRollout):
         def __init__(self, model, tokenizer, *, model_path, tensor_parallel_size, gpu_memory_utilization):
@@ -97,12 +97,15 @@ def test_vllm_engine_wiring(tmp_path, monkeypatch):
         def close(self):
             calls["close"] += 1
 
+        def sleep(self):
+            calls["sleep"] += 1
+
     monkeypatch.setitem(sys.modules, "hadw_trainer.rollout_vllm", types.SimpleNamespace(VLLMRollout=FakeVLLMRollout))
     cache = str(tmp_path / "cache")
     common = ("train.max_steps=2", "eval.k=0")
     res = train(tiny_config(cache, *common, "rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.5"),
                 str(tmp_path / "vllm"))
-    assert calls == {"init": [(None, 1, 0.5)], "sync": 2, "close": 1}
+    assert calls == {"init": [(None, 1, 0.5)], "sync": 2, "close": 1, "sleep": 2}  # sleep after each rollout
     ref = train(tiny_config(cache, *common), str(tmp_path / "hf"))
     for k in ("loss", "grad_norm", "reward_mean", "anchor_prior"):
         assert res["metrics"][k] == ref["metrics"][k], k

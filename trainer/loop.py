@@ -226,6 +226,8 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False,
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = collect(source, engine, tok, cfg)
+        if hasattr(engine, "sleep"):
+            engine.sleep()  # vLLM on GPU: free its weights and KV cache for the update (sync_weights wakes it)
         prior = anchor.step(batch.all_rewards)  # once per rollout batch; y_t is global over ranks
         t_roll = time.time()
         gen = batch.gen
