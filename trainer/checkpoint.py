@@ -123,6 +123,10 @@ def save(ckpt_dir: str, step: int, par: Any, state: dict[str, Any], keep_last: i
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
+    if not os.path.isdir(tmp):
+        raise CheckpointError(f"rank {dist.rank()} cannot see {tmp}, which rank 0 created: every rank writes into "
+                              f"OUTPUT/checkpoints, so a multi-node run needs --output-dir on a filesystem shared by "
+                              f"all nodes")
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{dist.rank()}.pt"))
     par.save(tmp)
     if dist.is_main():
