@@ -42,7 +42,7 @@ pytestmark = pytest.mark.distributed
 BACKENDS = ["ddp", "fsdp2"] + (["zero2", "zero3"] if importlib.util.find_spec("deepspeed") else [])
 # + DeepSpeed CPU offload, and the chunked LM head (model.logprob_chunk_tokens) where a backend allows it
 FIXED_RUNS = BACKENDS + (list(VARIANTS) if "zero2" in BACKENDS else [])
-RESUMABLE = [b for b in ("fsdp2", "zero2", "zero3") if b in BACKENDS]
+RESUMABLE = [b for b in ("ddp", "fsdp2", "zero2", "zero3") if b in BACKENDS]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0"}
 
 
@@ -122,8 +122,11 @@ def test_sharded_checkpoint_resumes_exactly(runs, backend):
     step2 = os.path.join(resumed, "checkpoints", "step_2")
     with open(os.path.join(step2, "manifest.json")) as f:
         files = json.load(f)["files"]
-    sharded = "dcp/" if backend == "fsdp2" else "zero/"  # the backend's own format, every shard hashed
-    assert any(name.startswith(sharded) for name in files) and "model.safetensors" not in files
+    if backend == "ddp":  # the single-process format: rank 0's full weights and optimizer
+        assert {"model.safetensors", "optimizer.pt"} <= set(files)
+    else:  # the backend's own sharded format, every shard hashed
+        sharded = "dcp/" if backend == "fsdp2" else "zero/"
+        assert any(name.startswith(sharded) for name in files) and "model.safetensors" not in files
     assert {"rng_rank0.pt", "rng_rank1.pt", "state.json"} <= set(files)
 
 

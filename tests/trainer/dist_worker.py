@@ -4,7 +4,7 @@
     python -m torch.distributed.run --nproc-per-node 2 dist_worker.py CACHE OUT BACKEND|VARIANT[,...]
 
 For each backend: `fixed_<b>` trains on a fixed batch (FixedRollout: the same responses on any number of ranks, so
-the test compares it with a single-process run), and for fsdp2 / zero2 / zero3 `full_<b>` (3 steps) and `res_<b>`
+the test compares it with a single-process run), and for ddp / fsdp2 / zero2 / zero3 `full_<b>` (3 steps) and `res_<b>`
 (2 steps, then resumed to 3) check that the backend's sharded checkpoint resumes exactly. A VARIANT (below) is a
 backend with an option (CPU offload, chunked LM-head log-probs), run on the fixed batch only.
 """
@@ -30,7 +30,7 @@ from hadw_trainer.rollout import HFRollout, concat_generations  # noqa: E402
 # number of ranks) and no evaluation (it would draw from the engine).
 FIXED = ("algo.mini_batch_prompts=8", "algo.micro_batch_prompts=2", "eval.greedy=false", "eval.k=0",
          "parallel.timeout_s=120")  # a desynchronised collective fails in 2 min instead of hanging for 10
-RESUMABLE = ("fsdp2", "zero2", "zero3")
+RESUMABLE = ("ddp", "fsdp2", "zero2", "zero3")
 # Fixed-batch runs of options on top of a backend (run name -> overrides).
 VARIANTS = {
     "zero2_offload": ("parallel.backend=zero2", "parallel.offload=true"),
