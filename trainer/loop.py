@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from hadw_trainer.logger import RunLogger
 from hadw_trainer.loss_step import batch_logprobs, update
 from hadw_trainer.model import build_tiny_model, char_tokenizer, load_model, save_model
 from hadw_trainer.parallel import Parallel
-from hadw_trainer.rollout import HFRollout, format_prompt
+from hadw_trainer.rollout import Generation, HFRollout, format_prompt
 from hadw_trainer.tasks import ArithTask, Problem, PromptSource, load_jsonl
 
 
@@ -133,6 +134,22 @@ def _engine(cfg: JobConfig, par: Parallel, tok: Any) -> Any:
     return HFRollout(par.rollout_module, tok, cfg.rollout.chunk_prompts, cfg.rollout.sampling_logprobs)
 
 
+class _HostBatches:
+    """Hands the loop every Generation on the CPU, where rewards, masks and metrics are computed (an engine on a
+    GPU returns CUDA tensors; the update moves each micro-batch to the policy's device itself)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def generate(self, *args: Any, **kwargs: Any) -> Generation:
+        gen = self.engine.generate(*args, **kwargs)
+        return dataclasses.replace(gen, **{f.name: getattr(gen, f.name).cpu() for f in dataclasses.fields(gen)
+                                           if isinstance(getattr(gen, f.name), torch.Tensor)})
+
+    def __getattr__(self, name: str) -> Any:  # sync_weights, sleep, close, ...
+        return getattr(self.engine, name)
+
+
 def train(cfg: JobConfig, output_dir: str, resume: bool = False,
           engine_factory: Callable[[torch.nn.Module, Any], Any] | None = None) -> dict[str, Any]:
     """Run a job; returns {'final_eval': ..., 'metrics': last step's metrics, 'output_dir': ...}.
@@ -178,7 +195,7 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False,
     optimizer = par.optimizer
     anchor = build_anchor(cfg.algo)
     source, eval_problems = _problems(cfg)
-    engine = engine_factory(par.rollout_module, tok) if engine_factory else _engine(cfg, par, tok)
+    engine = _HostBatches(engine_factory(par.rollout_module, tok) if engine_factory else _engine(cfg, par, tok))
     if cfg.task.name == "jsonl":
         _drop_long_prompts(source, cfg, tok, log)
     history: list[dict] = []
