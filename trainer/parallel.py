@@ -100,8 +100,7 @@ class Parallel:
                 if isinstance(m, FSDPModule):
                     m.set_gradient_divide_factor(1.0)  # SUM over ranks (see the module docstring), as a plain
                     m.set_force_sum_reduction_for_comms(True)  # SUM collective: gloo has no PREMUL_SUM / AVG
-            par = cls(backend, model, model, torch.optim.AdamW(model.parameters(), **adam), replica)
-            return par
+            return cls(backend, model, model, torch.optim.AdamW(model.parameters(), **adam), replica)
         deepspeed = _import_deepspeed()
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -123,9 +122,8 @@ class Parallel:
             "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
         }
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(),
-                                                                                                 **adam),
-                                                       config=ds_config)
+        adamw = torch.optim.AdamW(model.parameters(), **adam)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=ds_config)
         return cls(backend, engine, engine.module, optimizer, replica)
 
     # -- one optimizer step ---------------------------------------------------------------------------------------
