@@ -39,7 +39,7 @@ import torch
 from hadw_trainer import distributed as dist
 from hadw_trainer.config import JobConfig
 
-DEEPSPEED_HINT = "parallel.backend=zero2/zero3 needs DeepSpeed: pip install deepspeed (on CPU: DS_ACCELERATOR=cpu)"
+DEEPSPEED_HINT = "parallel.backend=zero2/zero3 needs DeepSpeed: pip install 'hadw-kernels[train]' (deepspeed==0.19.8)"
 
 
 def _sum_hook(_state, bucket):  # no annotations: DDP checks them; `from __future__` makes strings
