@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from hadw_kernels import hadw_advantages
 from hadw_trainer import checkpoint as ckpt
 from hadw_trainer import distributed as dist
 from hadw_trainer.advantage import build_anchor, collect, reward_by_level
@@ -260,12 +259,10 @@ def train(cfg: JobConfig, output_dir: str, resume: bool = False,
         par.sync_rollout()
         engine.sync_weights(par.rollout_module)
         t_end = time.time()
-        adv = hadw_advantages(batch.rewards, group_size=r.group_size, anchor=prior, config=loss_cfg)
         mask = gen.response_mask.float()
+        # phi_mean/min/max, adv_abs_mean, degenerate_group_frac, response_len_mean, clipfrac... come from the loss's
+        # own metrics in `stats` (the advantages and Phi the update actually used)
         local = {
-            "phi_mean": adv.phi.float().mean().item(), "adv_abs_mean": adv.advantages.abs().float().mean().item(),
-            "degenerate_group_frac": (adv.group_std.float() == 0).float().mean().item(),
-            "response_len_mean": mask.sum(-1).mean().item(),
             "truncated_frac": gen.truncated.float().mean().item() if gen.truncated is not None else 0.0,
             "rollout_logprob_diff": ((gen.sampling_logprobs - old_lp).abs() * mask).sum().item() / max(
                 1.0, mask.sum().item()) if gen.sampling_logprobs is not None else 0.0,
