@@ -1,4 +1,6 @@
 """Benchmarks for hadw_kernels: `python -m bench --help` (CLI table + JSON), `pytest bench` (pytest-benchmark).
 
-See bench/RESULTS.md for measured numbers and bench/hadw_loss_bench.py for what each provider and byte count is.
+Layout: `bench/harness.py` (timing, bytes, memory, table, JSON; knows no op), one module per op
+(`bench/hadw_loss_bench.py`: inputs, the naive baseline, providers, bytes), `bench/__main__.py` (the CLI; `OPS`
+lists the ops). Measured numbers: bench/RESULTS.md.
 """

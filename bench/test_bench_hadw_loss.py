@@ -17,21 +17,10 @@ import os
 import pytest
 import torch
 
+from bench import hadw_loss_bench as op
 from bench.__main__ import main as cli_main
-from bench.hadw_loss_bench import (
-    DEFAULT_SHAPES,
-    MODES,
-    ModeRunner,
-    bytes_moved,
-    copy_bandwidth,
-    loadavg,
-    make_inputs,
-    median_wall,
-    naive_hadw_loss,
-    peak_memory,
-    providers,
-    time_interleaved,
-)
+from bench.hadw_loss_bench import DEFAULT_SHAPES, bytes_moved, make_inputs, naive_hadw_loss, providers
+from bench.harness import MODES, ModeRunner, copy_bandwidth, loadavg, median_wall, peak_memory, time_interleaved
 from hadw_kernels import hadw_loss
 
 
@@ -64,7 +53,7 @@ def _bench(benchmark, inp, provider: str, mode: str, device: torch.device, round
     why = prov.available(device)
     if why is not None:
         pytest.skip(f"{provider}: {why}")
-    runner = ModeRunner(prov, inp, mode)
+    runner = ModeRunner(prov, inp, mode, op.leaves(inp, provider))
     runner.setup()
     runner()  # first call outside the timing: torch.compile / Triton compile and autotune
     n, t, g = inp.shape
@@ -116,7 +105,8 @@ def test_cpu_speedup_vs_naive(benchmark, cpu_inputs):
         pytest.skip(f"the target is defined at ~1M tokens; HADW_BENCH_CPU_SHAPE gives {n * t}")
     device = torch.device("cpu")
     prov = providers()
-    runners = {name: ModeRunner(prov[name], cpu_inputs, "full") for name in ("naive", "reference", "compiled")}
+    runners = {name: ModeRunner(prov[name], cpu_inputs, "full", op.leaves(cpu_inputs, name))
+               for name in ("naive", "reference", "compiled")}
     times = time_interleaved(runners, device, reps=15, warmup=2)
     med = {name: median_wall(ts) for name, ts in times.items()}
     speedup = med["naive"] / med["compiled"]
@@ -167,7 +157,8 @@ def test_gpu_targets(benchmark, gpu_inputs):
     why = prov["triton"].available(device)
     if why is not None:
         pytest.skip(f"triton: {why}")
-    runners = {name: ModeRunner(prov[name], gpu_inputs, "full") for name in ("reference", "compiled", "triton")}
+    runners = {name: ModeRunner(prov[name], gpu_inputs, "full", op.leaves(gpu_inputs, name))
+               for name in ("reference", "compiled", "triton")}
     for r in runners.values():
         r.setup()
         r()
