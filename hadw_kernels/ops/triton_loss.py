@@ -19,12 +19,12 @@ Kernels run in the Triton interpreter on CPU tensors when TRITON_INTERPRET=1 (th
 import dataclasses
 import functools
 import json
-import os
 
 import torch
 import triton
 
 from hadw_kernels.config import LossConfig
+from hadw_kernels.ops._triton_compat import fix_interpreter, interpreting
 from hadw_kernels.ops._triton_loss_kernels import (
     METRIC_NAMES,
     NUM_SLOTS,
@@ -40,9 +40,7 @@ element fails loudly."""
 
 _KL_EST = {"k1": 1, "k2": 2, "k3": 3}
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+fix_interpreter()  # triton 3.6's interpreter cannot run a loop with a runtime bound under numpy >= 2.4
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -115,7 +113,7 @@ def _blocks(N: int, T: int, G: int = 1) -> tuple[int, int, int]:
     ratio + KL + dual clip) reports 95 registers at 1 x 1024 and 2 x 256 rows x tokens, 119 at 4 x 128, 187 at
     8 x 64 and 16 x 16, no spills; the first guess (4 x 1024 on 8 warps, 16 elements per thread) used 242-255 and
     spilled. Register counts only: the sizes are not yet timed on a GPU."""
-    if _interpreting():
+    if interpreting():
         return 16, min(triton.next_power_of_2(T), 64), 1
     block_t = min(max(triton.next_power_of_2(T), 16), 1024)
     block_r = max(1, min(16, 512 // block_t, 8192 // triton.next_power_of_2(G)))
@@ -126,7 +124,7 @@ def _blocks(N: int, T: int, G: int = 1) -> tuple[int, int, int]:
 def _max_programs(device: torch.device) -> int:
     """Bound on the forward grid (its programs loop over row blocks), which bounds the partials the one-program
     finalize kernel reads: 8 per SM on a GPU; 2 in the interpreter, so that small test shapes exercise the loop."""
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return 2
     return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -175,7 +173,7 @@ def _forward(logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normal
         float(config.norm_len if config.norm_len is not None else T),
         TOKEN_MEAN=config.loss_agg == "token-mean", SUM_NORM=config.loss_agg == "seq-mean-token-sum-norm",
         HAS_NORMALIZER=normalizer is not None, HAS_REF=has_ref,
-        BLOCK_P=16 if _interpreting() else 128, BLOCK_S=triton.next_power_of_2(NUM_SLOTS), NUM_SLOTS=NUM_SLOTS,
+        BLOCK_P=16 if interpreting() else 128, BLOCK_S=triton.next_power_of_2(NUM_SLOTS), NUM_SLOTS=NUM_SLOTS,
     )
     return loss, advantages, phi, metrics, nonfinite, rows, denom
 
