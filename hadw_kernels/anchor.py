@@ -2,8 +2,9 @@
 
 One `step(rewards)` per rollout batch returns the prior C_t^- that batch t is weighted against, then folds the
 batch accuracy y_t into the history (so the posterior C_t^+ becomes the next prior). y_t is the mean reward over
-*all* responses of the batch, summed across data-parallel ranks when torch.distributed is initialised, so every
-rank holds the same anchor.
+*all* responses of the batch (eq. 7). Every rank must fold in the same y_t to hold the same anchor, and nothing here
+communicates unless asked: pass the rewards gathered from all ranks, or a y_t you computed (`accuracy=`), or this
+rank's rewards with `process_group=` to all-reduce their sum and count over that group (every rank of it must call).
 
     >>> anchor = DifficultyAnchor(mode="window", window=10)
     >>> anchor.step(torch.tensor([1.0, 0.0, 0.0, 0.0]))   # first batch: no history, the prior is y_1
@@ -46,7 +47,6 @@ class DifficultyAnchor:
         sigma_init: sigma used while fewer than two posteriors exist ('ema' mode, 1.0).
         fixed_value: the constant anchor of 'fixed' mode (0.5).
         init: prior for the first batch; None uses that batch's own accuracy y_1.
-        process_group: the torch.distributed group to reduce y_t over (default: the world, when initialised).
     """
 
     def __init__(
@@ -60,7 +60,6 @@ class DifficultyAnchor:
         sigma_init: float = 1.0,
         fixed_value: float = 0.5,
         init: float | None = None,
-        process_group: Any = None,
     ) -> None:
         if mode not in ANCHOR_MODES:
             raise ValueError(f"DifficultyAnchor: unknown mode {mode!r}; "
@@ -84,7 +83,6 @@ class DifficultyAnchor:
             raise ValueError(f"DifficultyAnchor: sigma_init must be >= 0, got {sigma_init!r}")
         self.fixed_value = _check_unit("fixed_value", fixed_value)
         self.init = None if init is None else _check_unit("init", init)
-        self.process_group = process_group
         self._reset()
 
     def _reset(self) -> None:
@@ -119,8 +117,16 @@ class DifficultyAnchor:
         return self._last_accuracy
 
     # -- updating -----------------------------------------------------------------------------------------------
-    def batch_accuracy(self, rewards: torch.Tensor) -> float:
-        """y_t = sum of rewards / number of responses, over every data-parallel rank (eq. 7)."""
+    @staticmethod
+    def batch_accuracy(rewards: torch.Tensor, process_group: Any = None) -> float:
+        """y_t = sum of the scorable rewards / their number (eq. 7; NaN rewards are unscorable and left out).
+
+        Args:
+            rewards: [N] this batch's rewards (any shape; flattened).
+            process_group: None (default): no communication, the rewards are the whole batch. A torch.distributed
+                process group (e.g. `torch.distributed.group.WORLD`, or your data-parallel group under tensor or
+                pipeline parallelism): the sum and count are all-reduced over it; every rank of it must call.
+        """
         rewards = torch.as_tensor(rewards)
         if rewards.numel() == 0:
             raise ValueError("DifficultyAnchor.step: rewards is empty; a batch needs at least one response")
@@ -128,22 +134,44 @@ class DifficultyAnchor:
                                                                        torch.int32, torch.int64, torch.uint8)):
             raise ValueError(f"DifficultyAnchor.step: rewards must be real numbers, got dtype {rewards.dtype}")
         r = rewards.detach().reshape(-1).to(torch.float64)
-        bad = int((~torch.isfinite(r)).sum())
-        if bad:
-            raise ValueError(f"DifficultyAnchor.step: rewards has {bad} non-finite value(s) (NaN or Inf)")
-        stats = torch.stack([r.sum(), torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            group = self.process_group
-            if torch.distributed.get_world_size(group) > 1:
-                if torch.distributed.get_backend(group) == "nccl" and stats.device.type != "cuda":
-                    stats = stats.cuda()
-                torch.distributed.all_reduce(stats, group=group)
+        inf = int(torch.isinf(r).sum())
+        if inf:
+            raise ValueError(f"DifficultyAnchor.step: rewards has {inf} infinite value(s); NaN marks an unscorable "
+                             f"response, +-Inf is not a reward")
+        scorable = ~torch.isnan(r)
+        stats = torch.stack([torch.where(scorable, r, 0.0).sum(), scorable.to(torch.float64).sum()])
+        if process_group is not None:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise ValueError("DifficultyAnchor.step: process_group was given but torch.distributed is not "
+                                 "initialised")
+            if torch.distributed.get_backend(process_group) == "nccl" and stats.device.type != "cuda":
+                stats = stats.cuda()
+            torch.distributed.all_reduce(stats, group=process_group)
         total, count = stats.tolist()
+        if count == 0:
+            raise ValueError("DifficultyAnchor.step: every reward of the batch is NaN (unscorable); y_t is undefined")
         return total / count
 
-    def step(self, rewards: torch.Tensor) -> float:
-        """Return C_t^- for this batch, then fold its accuracy y_t in. Call once per rollout batch, on every rank."""
-        y = self.batch_accuracy(rewards)
+    def step(self, rewards: torch.Tensor | None = None, *, accuracy: float | None = None,
+             process_group: Any = None) -> float:
+        """Return C_t^- for this batch, then fold its accuracy y_t in. Call once per rollout batch, on every rank
+        with the same y_t.
+
+        Args:
+            rewards: the batch's rewards: all of them (e.g. gathered from every rank), or this rank's share with
+                `process_group`. NaN = unscorable (left out).
+            accuracy: y_t computed by the caller, instead of `rewards`.
+            process_group: all-reduce the rewards' sum and count over this group (see `batch_accuracy`); None
+                (default) communicates nothing.
+        """
+        if (rewards is None) == (accuracy is None):
+            raise ValueError("DifficultyAnchor.step: give exactly one of rewards and accuracy")
+        if accuracy is not None:
+            if process_group is not None:
+                raise ValueError("DifficultyAnchor.step: process_group applies to rewards, not to a given accuracy")
+            y = _check_unit("accuracy", accuracy)
+        else:
+            y = self.batch_accuracy(rewards, process_group)
         if self.mode == "fixed":
             prior = self.fixed_value
             self._posterior = self.fixed_value
@@ -172,6 +200,17 @@ class DifficultyAnchor:
         self._last_accuracy = y
         self.steps += 1
         return prior
+
+    def check_synchronized(self, process_group: Any = None) -> None:
+        """Raise a ValueError unless every rank of `process_group` (default: the world) holds this same anchor state.
+        A collective (all-gather of the state) that runs only when you call it, e.g. once after resuming."""
+        world = torch.distributed.get_world_size(process_group)
+        states: list[Any] = [None] * world
+        torch.distributed.all_gather_object(states, self.state_dict(), group=process_group)
+        differing = [rank for rank, state in enumerate(states) if state != states[0]]
+        if differing:
+            raise ValueError(f"DifficultyAnchor: ranks {differing} of the group hold a different anchor state than "
+                             f"rank 0 (steps {[s['steps'] for s in states]}); every rank must step with the same y_t")
 
     # -- state --------------------------------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 RATIO_LEVELS = ("token", "sequence")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-ADV_NORMS = ("group_std", "none")
+ADV_NORMS = ("group_std", "batch_std", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -49,7 +49,8 @@ class LossConfig:
     """Aggregation over tokens and rows, verl's names: token-mean | seq-mean-token-mean | seq-mean-token-sum |
     seq-mean-token-sum-norm."""
     adv_norm: str = "group_std"
-    """'group_std': A = (r - mean) / (std + std_eps); 'none': A = r - mean (Dr. GRPO). HA-DW applies to both."""
+    """'group_std': A = (r - mean) / (std + std_eps); 'batch_std': A = (r - mean) / (std of the whole batch's rewards
+    + std_eps) (TRL's scale_rewards="batch"); 'none': A = r - mean (Dr. GRPO). HA-DW applies to all three."""
     std_unbiased: bool = True
     """Group std with Bessel's correction (n - 1), as torch.std and verl; False gives the population std."""
     std_eps: float = 1e-6
@@ -62,6 +63,12 @@ class LossConfig:
     """beta: weight of the KL penalty to the reference policy (0 = off, as in the paper)."""
     kl_estimator: str = "k3"
     """KL estimator: 'k1' = logp - ref, 'k2' = (logp - ref)^2 / 2, 'k3' = exp(ref - logp) - (ref - logp) - 1."""
+    kl_ratio_weighted: bool = False
+    """Multiply the per-token KL by the (differentiable) importance ratio rho, which makes its gradient the unbiased
+    reverse-KL gradient off-policy (TRL's default `use_bias_correction_kl=True`; verl does not weight)."""
+    rollout_is_threshold: float | None = None
+    """Truncate the `rollout_is_weights` handed to the policy loss from above at this value (verl's truncated IS,
+    typically 2.0); None uses the weights as given."""
     log_ratio_clamp: float = 20.0
     """Log-ratios (policy/old and ref/policy) are clamped to +-this before exp, so no ratio overflows."""
     norm_len: int | None = None
@@ -81,13 +88,15 @@ class LossConfig:
         _check_choice("loss_agg", self.loss_agg, LOSS_AGG_MODES)
         _check_choice("adv_norm", self.adv_norm, ADV_NORMS)
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        for flag in ("std_unbiased", "hadw"):
+        for flag in ("std_unbiased", "hadw", "kl_ratio_weighted"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"LossConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         _check_positive("std_eps", self.std_eps, allow_zero=True)
         _check_positive("lambda_scale", self.lambda_scale)
         _check_positive("kl_coef", self.kl_coef, allow_zero=True)
         _check_positive("log_ratio_clamp", self.log_ratio_clamp)
+        if self.rollout_is_threshold is not None:
+            _check_positive("rollout_is_threshold", self.rollout_is_threshold)
         if self.norm_len is not None and (
             isinstance(self.norm_len, bool) or not isinstance(self.norm_len, int) or self.norm_len <= 0
         ):

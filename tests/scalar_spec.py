@@ -16,7 +16,7 @@ def _sign(x: float) -> float:
 def scalar_loss(logprobs, old_logprobs, rewards, mask, G, anchor, cfg, ref_logprobs=None, normalizer=None):
     """Returns (loss, advantages, phi, metrics) for nested lists of floats; same meaning as hadw_loss."""
     logp, old, ref = logprobs, old_logprobs, ref_logprobs
-    N, T = len(logp), len(logp[0])
+    N = len(logp)
     P = N // G
     adv, phi, means, degenerate = [0.0] * N, [1.0] * N, [], []
     for g in range(P):
@@ -38,6 +38,60 @@ def scalar_loss(logprobs, old_logprobs, rewards, mask, G, anchor, cfg, ref_logpr
             phi[i] = w
             adv[i] = a_hat * w
 
+    loss, metrics = scalar_policy_loss(logp, old, adv, mask, cfg, ref, normalizer=normalizer)
+    metrics = {
+        **{k: v for k, v in metrics.items() if k not in ("kl", "kl_loss")},
+        "phi_mean": sum(phi) / N,
+        "phi_min": min(phi),
+        "phi_max": max(phi),
+        "adv_abs_mean": sum(abs(a) for a in adv) / N,
+        "degenerate_group_frac": sum(degenerate) / P,
+        **{k: v for k, v in metrics.items() if k in ("kl", "kl_loss")},
+    }
+    return loss, adv, phi, metrics
+
+
+def scalar_advantages(rewards, group_ids, cfg, anchor=None):
+    """Advantages for groups given by id (any order, any size), NaN rewards unscorable. Returns (adv, raw, phi,
+    degenerate by id) as lists / a dict."""
+    nan = [r != r for r in rewards]
+    ids = sorted(set(group_ids))
+    members = {g: [i for i, x in enumerate(group_ids) if x == g and not nan[i]] for g in ids}
+    scorable = [r for r, bad in zip(rewards, nan, strict=True) if not bad]
+    batch_std = None
+    if cfg.adv_norm == "batch_std" and len(scorable) > (1 if cfg.std_unbiased else 0):
+        m = sum(scorable) / len(scorable)
+        batch_std = math.sqrt(sum((r - m) ** 2 for r in scorable) / (len(scorable) - (1 if cfg.std_unbiased else 0)))
+    adv, raw, phi, degenerate = [0.0] * len(rewards), [0.0] * len(rewards), [1.0] * len(rewards), {}
+    for g in ids:
+        rs = [rewards[i] for i in members[g]]
+        degen = len(rs) < 2 or max(rs) == min(rs)
+        degenerate[g] = degen
+        mean = sum(rs) / len(rs) if rs else 0.0
+        if len(rs) > (1 if cfg.std_unbiased else 0):
+            std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (len(rs) - (1 if cfg.std_unbiased else 0)))
+        else:
+            std = 0.0
+        for i in [i for i, x in enumerate(group_ids) if x == g]:
+            if nan[i] or degen:
+                a_hat = 0.0
+            elif cfg.adv_norm == "group_std":
+                a_hat = (rewards[i] - mean) / (std + cfg.std_eps)
+            elif cfg.adv_norm == "batch_std":
+                a_hat = (rewards[i] - mean) / (batch_std + cfg.std_eps)
+            else:
+                a_hat = rewards[i] - mean
+            w = 1.0
+            if cfg.hadw and anchor is not None:
+                diff = (mean - anchor) if rs else 0.0
+                w = cfg.lambda_scale * math.exp(-_sign(a_hat) * _sign(diff) * abs(diff))
+            raw[i], phi[i], adv[i] = a_hat, w, a_hat * w
+    return adv, raw, phi, degenerate
+
+
+def scalar_policy_loss(logp, old, adv, mask, cfg, ref=None, is_weights=None, normalizer=None):
+    """The policy loss on given advantages (adv[i] per row, or adv[i][t] per token). Returns (loss, metrics)."""
+    N, T = len(logp), len(logp[0])
     c = cfg.log_ratio_clamp
     lo, hi = 1 - cfg.clip_low, 1 + cfg.clip_high
     row_pg, row_kl, lengths = [0.0] * N, [0.0] * N, [0] * N
@@ -54,12 +108,15 @@ def scalar_loss(logprobs, old_logprobs, rewards, mask, G, anchor, cfg, ref_logpr
                 rho = seq_ratio
             else:
                 rho = math.exp(min(max(logp[i][t] - old[i][t], -c), c))
-            a = adv[i]
+            a = adv[i][t] if isinstance(adv[i], list) else adv[i]
             pg = max(-a * rho, -a * min(max(rho, lo), hi))
             if cfg.clip_ratio_c is not None and a < 0:
                 if pg > -cfg.clip_ratio_c * a:
                     n_dual += 1
                 pg = min(pg, -cfg.clip_ratio_c * a)
+            if is_weights is not None:
+                w = is_weights[i][t]
+                pg *= w if cfg.rollout_is_threshold is None else min(w, cfg.rollout_is_threshold)
             n_low += a < 0 and rho < lo
             n_high += a > 0 and rho > hi
             x = min(max(old[i][t] - logp[i][t], -c), c)
@@ -74,6 +131,8 @@ def scalar_loss(logprobs, old_logprobs, rewards, mask, G, anchor, cfg, ref_logpr
                 else:
                     delta = min(max(delta, -c), c)
                     kl = math.exp(delta) - delta - 1
+                if cfg.kl_ratio_weighted:
+                    kl *= rho
                 row_kl[i] += kl
                 sum_kl += kl
 
@@ -101,11 +160,6 @@ def scalar_loss(logprobs, old_logprobs, rewards, mask, G, anchor, cfg, ref_logpr
         "dual_clipfrac": n_dual / max(n_tok, 1),
         "approx_kl": sum_akl / max(n_tok, 1),
         "pg_loss": pg_loss,
-        "phi_mean": sum(phi) / N,
-        "phi_min": min(phi),
-        "phi_max": max(phi),
-        "adv_abs_mean": sum(abs(a) for a in adv) / N,
-        "degenerate_group_frac": sum(degenerate) / P,
         "response_len_mean": n_tok / N,
         "num_tokens": float(n_tok),
         "num_seqs": float(n_seq),
@@ -115,4 +169,4 @@ def scalar_loss(logprobs, old_logprobs, rewards, mask, G, anchor, cfg, ref_logpr
         metrics["kl"] = sum_kl / max(n_tok, 1)
         metrics["kl_loss"] = kl_loss
         loss = pg_loss + cfg.kl_coef * kl_loss
-    return loss, adv, phi, metrics
+    return loss, metrics

@@ -151,10 +151,30 @@ def test_bad_arguments(kwargs, message):
         DifficultyAnchor(**kwargs)
 
 
+def test_nan_rewards_are_unscorable_and_accuracy_can_be_given():
+    a, b = DifficultyAnchor(mode="ema", eta=0.5), DifficultyAnchor(mode="ema", eta=0.5)
+    for rewards in ([1.0, float("nan"), 0.0, 0.0], [1.0, 1.0, float("nan"), 0.0]):
+        scorable = [x for x in rewards if x == x]
+        y = sum(scorable) / len(scorable)
+        assert a.step(torch.tensor(rewards)) == b.step(accuracy=y)
+        assert a.last_accuracy == y
+    assert a.state_dict() == b.state_dict()
+
+
 def test_bad_rewards():
     a = DifficultyAnchor()
-    with pytest.raises(ValueError, match=r"1 non-finite value"):
-        a.step(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"1 infinite value"):
+        a.step(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match=r"every reward of the batch is NaN"):
+        a.step(torch.tensor([float("nan")] * 3))
+    with pytest.raises(ValueError, match=r"exactly one of rewards and accuracy"):
+        a.step(torch.ones(2), accuracy=0.5)
+    with pytest.raises(ValueError, match=r"exactly one of rewards and accuracy"):
+        a.step()
+    with pytest.raises(ValueError, match=r"accuracy must be a finite number"):
+        a.step(accuracy=float("nan"))
+    with pytest.raises(ValueError, match=r"process_group was given but torch.distributed is not initialised"):
+        a.step(torch.ones(2), process_group=object())
     with pytest.raises(ValueError, match=r"rewards is empty"):
         a.step(torch.zeros(0))
     assert a.steps == 0 and a.value is None  # a rejected batch changes nothing
@@ -171,18 +191,27 @@ def _worker(rank, world, port, shards, kwargs, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        anchor = DifficultyAnchor(**kwargs)
+        anchor, local = DifficultyAnchor(**kwargs), DifficultyAnchor(**kwargs)
         trace = []
         for step_shards in shards:
-            prior = anchor.step(step_shards[rank])
+            prior = anchor.step(step_shards[rank], process_group=dist.group.WORLD)
             trace.append((prior, anchor.posterior, anchor.eta_t, anchor.last_accuracy))
-        torch.save(trace, f"{out_path}.{rank}")
+            local.step(step_shards[rank])  # no process group: no collective, this rank's accuracy only
+        anchor.check_synchronized()
+        local_last = local.last_accuracy
+        try:
+            local.check_synchronized()  # the two ranks' local anchors differ: the check must say so
+            unsynchronized_detected = False
+        except ValueError:
+            unsynchronized_detected = True
+        torch.save((trace, local_last, unsynchronized_detected), f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_two_gloo_ranks_equal_single_process_over_concatenated_batch(tmp_path):
+    """With process_group the anchor reduces y_t over the ranks; without, it communicates nothing."""
     g = torch.Generator().manual_seed(0)
     # uneven shards: rank 0 holds 6 responses, rank 1 holds 10; y_t must count responses, not ranks
     shards = [[torch.rand(6, generator=g).round(), torch.rand(10, generator=g).round()] for _ in range(6)]
@@ -194,4 +223,7 @@ def test_two_gloo_ranks_equal_single_process_over_concatenated_batch(tmp_path):
             prior = single.step(torch.cat(s))
             expected.append((prior, single.posterior, single.eta_t, single.last_accuracy))
         for rank in range(2):
-            assert torch.load(tmp_path / f"{kwargs['mode']}.{rank}") == expected
+            trace, local_last, unsynchronized_detected = torch.load(tmp_path / f"{kwargs['mode']}.{rank}")
+            assert trace == expected
+            assert local_last == pytest.approx(float(shards[-1][rank].mean()), abs=1e-15)
+            assert unsynchronized_detected

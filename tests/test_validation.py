@@ -35,8 +35,8 @@ N, T = 12, 7
         (dict(logprobs=torch.zeros(0, T), old_logprobs=torch.zeros(0, T), mask=torch.ones(0, T),
               rewards=torch.zeros(0)), r"empty batch"),
         (dict(logprobs=torch.zeros(N, 0), old_logprobs=torch.zeros(N, 0), mask=torch.ones(N, 0)), r"empty batch"),
-        (dict(rewards=torch.tensor([float("nan")] * 2 + [0.0] * 10)), r"rewards has 2 non-finite value\(s\)"),
-        (dict(rewards=torch.tensor([float("inf")] + [0.0] * 11)), r"rewards has 1 non-finite"),
+        (dict(rewards=torch.tensor([float("-inf")] * 2 + [0.0] * 10)), r"rewards has 2 infinite value\(s\)"),
+        (dict(rewards=torch.tensor([float("inf")] + [0.0] * 11)), r"rewards has 1 infinite"),
         (dict(logprobs=torch.zeros(N, T, dtype=torch.int64)), r"logprobs must be a floating-point tensor"),
         (dict(mask=torch.ones(N, T, dtype=torch.complex64)), r"mask must be bool, integer or float"),
         (dict(anchor=float("nan")), r"anchor must be finite"),
@@ -81,8 +81,8 @@ def test_mixed_devices():
 def test_hadw_advantages_validation():
     with pytest.raises(ValueError, match=r"not divisible by group_size = 3"):
         hadw_advantages(torch.zeros(8), 3)
-    with pytest.raises(ValueError, match=r"rewards has 1 non-finite"):
-        hadw_advantages(torch.tensor([float("nan"), 0.0]), 2)
+    with pytest.raises(ValueError, match=r"rewards has 1 infinite"):
+        hadw_advantages(torch.tensor([float("inf"), 0.0]), 2)
     with pytest.raises(ValueError, match=r"empty batch"):
         hadw_advantages(torch.zeros(0), 2)
     # integer and bool rewards are accepted as numbers

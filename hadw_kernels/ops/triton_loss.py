@@ -32,7 +32,8 @@ from hadw_kernels.ops._triton_loss_kernels import (
     _hadw_finalize_kernel,
     _hadw_fwd_kernel,
 )
-from hadw_kernels.reference import compute_dtype
+from hadw_kernels.reference import compute_dtype, loss_terms, metric_names
+from hadw_kernels.validation import nonfinite_suspects
 
 POISON_OUTPUTS = False
 """Test switch: allocate every kernel output with NaN (-1 for integers) instead of torch.empty, so an unwritten
@@ -274,18 +275,17 @@ fused_loss.register_autograd(_backward_autograd, setup_context=_setup_context)
 # -- what hadw_kernels.loss calls ---------------------------------------------------------------------------------
 def loss_terms_with_checks(logprobs, old_logprobs, rewards, mask, group_size, anchor, config, ref_logprobs=None,
                            normalizer=None):
-    """Same contract as `hadw_kernels.loss._terms_and_checks`: ((loss, advantages [N], phi [N], metrics), suspects
+    """Same contract as `hadw_kernels.loss._loss_and_checks`: ((loss, advantages [N], phi [N], metrics), suspects
     [3]). Here the suspects are the exact int64 NaN/Inf counts at valid positions of logprobs, old_logprobs and
     ref_logprobs, counted in the kernel's own pass (nonzero = suspect). anchor / normalizer: None or 0-d float64
     tensors on the device. float64 inputs are computed by the reference (module docstring).
     """
     if compute_dtype(logprobs, old_logprobs, ref_logprobs) == torch.float64:
-        from hadw_kernels.loss import _terms_and_checks
-
-        return _terms_and_checks(logprobs, old_logprobs, rewards, mask, group_size, anchor, config, ref_logprobs,
-                                 normalizer)
+        out = loss_terms(logprobs, old_logprobs, rewards, mask, group_size, anchor, config, ref_logprobs, normalizer)
+        return out, nonfinite_suspects(mask, logprobs, old_logprobs, ref_logprobs)
     loss, advantages, phi, metrics, nonfinite, _, _ = fused_loss(
         logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normalizer, group_size, _config_to_json(config))
     names = METRIC_NAMES if ref_logprobs is not None else METRIC_NAMES[:-2]
-    values = metrics.detach().unbind()
-    return (loss, advantages.detach(), phi.detach(), dict(zip(names, values, strict=False))), nonfinite
+    values = dict(zip(names, metrics.detach().unbind(), strict=False))
+    ordered = {k: values[k] for k in metric_names(advantages=True, kl=ref_logprobs is not None)}
+    return (loss, advantages.detach(), phi.detach(), ordered), nonfinite
