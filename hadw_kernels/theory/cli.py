@@ -4,6 +4,7 @@
     hadw-theory bias --G 8 [--out DIR]                  E[p̂|S] - p and P(under/over-estimate) over p
     hadw-theory hadw --G 8 --anchor 0.5 [--out DIR]     where HA-DW's λ moves E[ÂΦ|S] toward A, where it overshoots
     hadw-theory anchor [--out DIR]                      window vs ema vs fixed anchors on a drifting accuracy
+    hadw-theory lab [--quick] [--out DIR]               paired-seed policy-gradient study: when does HA-DW help?
 
 Plots are PNG files written with matplotlib's Agg backend (matplotlib is only imported when --out is given).
 """
@@ -206,11 +207,40 @@ def cmd_anchor(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- lab ------------------------------------------------------------------------------------------------------------
+def cmd_lab(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from hadw_kernels.theory.lab import QUICK, Study, run_study
+    from hadw_kernels.theory.lab_report import summary_text, write_outputs
+
+    study = QUICK if args.quick else Study()
+    overrides = dict(seeds=args.seeds, steps=args.steps, groups=tuple(args.G) if args.G else None,
+                     adv_norm=args.adv_norm)
+    study = dataclasses.replace(study, **{k: v for k, v in overrides.items() if v is not None})
+    result = run_study(study, jobs=args.jobs)
+    print(summary_text(result))
+    if args.out:
+        for path in write_outputs(result, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
 # -- entry point ---------------------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"G must be an int >= 2, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
     return value
 
 
@@ -257,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_anchor)
+
+    p = sub.add_parser("lab", help="paired-seed policy-gradient study of GRPO vs HA-DW and other estimators")
+    p.add_argument("--quick", action="store_true", help="a smoke run: G = 8, SGD, 6 seeds, 60 steps (< 1 min)")
+    p.add_argument("--seeds", type=_count, help="reported seeds per arm, >= 2 (default 24; quick 6)")
+    p.add_argument("--steps", type=_count, help="optimizer steps per run (default 200; quick 60)")
+    p.add_argument("--G", type=_positive_int, nargs="+", help="group sizes (default 4 8 16; quick 8)")
+    p.add_argument("--adv-norm", choices=("group_std", "none"), help="advantage normalisation (default group_std)")
+    p.add_argument("--jobs", type=_count, help="worker processes (default: the CPU count)")
+    p.set_defaults(func=cmd_lab)
 
     for sp in sub.choices.values():
         sp.add_argument("--out", metavar="DIR", help="write PNG plots into DIR (created if missing)")
