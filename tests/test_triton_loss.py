@@ -14,7 +14,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from hadw_kernels import LossConfig, hadw_loss  # noqa: E402
-from hadw_kernels.ops import triton_loss  # noqa: E402
+from hadw_kernels.ops import _triton_runtime, triton_loss  # noqa: E402
+from hadw_kernels.ops._config_json import config_to_json  # noqa: E402
 from hadw_kernels.reference import loss_terms  # noqa: E402
 
 PRESETS = ["grpo", "dapo", "gspo", "dr_grpo"]
@@ -28,7 +29,7 @@ TOL = {torch.float32: (2e-5, 2e-5, 2e-6), torch.bfloat16: (2e-5, 8e-3, 2e-3), to
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(triton_loss, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_triton_runtime, "POISON_OUTPUTS", True)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -173,6 +174,10 @@ OPTIONS = [
     ("grpo", dict(kl_coef=0.0)),  # ref given but not in the loss: kl metrics only
     ("grpo", dict(std_unbiased=False, lambda_scale=1.7)),
     ("grpo", dict(adv_norm="none")),
+    ("grpo", dict(adv_norm="batch_std")),
+    ("gspo", dict(adv_norm="batch_std", std_unbiased=False)),
+    ("grpo", dict(kl_coef=0.1, kl_estimator="k2", kl_ratio_weighted=True)),
+    ("gspo", dict(kl_coef=0.1, kl_estimator="k3", kl_ratio_weighted=True, clip_ratio_c=3.0)),
     ("dapo", dict(loss_agg="seq-mean-token-sum")),
     ("dr_grpo", dict(norm_len=50)),
     ("gspo", dict(loss_agg="token-mean", log_ratio_clamp=0.01)),  # the GSPO clamp gates the gradient
@@ -202,6 +207,18 @@ def test_parity_real_valued_rewards_and_no_anchor():
     batch = make_inputs(4, 3, 8, seed=5, binary=False, equal_groups=())
     check_parity(batch, 3, LossConfig.grpo(), anchor=None)
     check_parity(batch, 3, LossConfig.grpo(), anchor=torch.tensor(0.9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("adv_norm", ["group_std", "batch_std", "none"])
+def test_parity_unscorable_rewards(adv_norm):
+    """NaN rewards (unscorable) in the fused kernel: left out of their group's statistics, advantage 0; a group with
+    one scorable reward (or none) is degenerate."""
+    batch = make_inputs(4, 4, 9, seed=19, equal_groups=())
+    rewards = batch["rewards"].clone()
+    rewards[[0, 5, 6, 7, 8, 9]] = float("nan")  # group 0: three scorable; group 1: one; group 2: two
+    rewards[[12, 13, 14, 15]] = float("nan")  # group 3: none
+    metrics = check_parity({**batch, "rewards": rewards}, 4, LossConfig.grpo(adv_norm=adv_norm))
+    assert metrics["degenerate_group_frac"] >= 0.5
 
 
 def test_log_ratio_clamp_fires():
@@ -267,12 +284,16 @@ def test_float32_kernel_is_as_accurate_as_the_float32_reference():
 
 
 def test_float64_uses_the_reference():
+    """hadw_loss(backend="triton") computes float64 inputs with the reference (the kernels are fp32 by design); the
+    kernel entry point itself refuses them rather than silently computing in fp32."""
     batch = make_inputs(2, 4, 6, dtype=torch.float64, seed=11)
-    args = (batch["old_logprobs"], batch["rewards"], batch["mask"], 4, ANCHOR, LossConfig.grpo(), None, None)
-    (loss, adv, phi, metrics), nonfinite = triton_loss.loss_terms_with_checks(batch["logprobs"], *args)
-    r_loss, r_adv, r_phi, r_metrics = loss_terms(batch["logprobs"], *args)
-    assert loss.dtype == torch.float64 and loss.item() == r_loss.item()
-    assert torch.equal(adv, r_adv) and torch.equal(phi, r_phi)
+    args = (batch["logprobs"], batch["old_logprobs"], batch["rewards"], batch["mask"], 4)
+    out = hadw_loss(*args, anchor=0.45, backend="triton")
+    ref = hadw_loss(*args, anchor=0.45, backend="torch")
+    assert out.loss.dtype == torch.float64 and out.loss.item() == ref.loss.item()
+    assert torch.equal(out.advantages, ref.advantages) and torch.equal(out.phi, ref.phi)
+    with pytest.raises(ValueError, match="float64 inputs are computed by the reference"):
+        triton_loss.loss_terms_with_checks(*args, ANCHOR, LossConfig.grpo())
 
 
 # -- the custom op -------------------------------------------------------------------------------------------------
@@ -321,7 +342,7 @@ def test_opcheck():
     """torch.library's own checks of the schema, the fake implementation and the autograd registration."""
     batch = make_inputs(2, 2, 3, seed=13, masked_rows=())
     args = (batch["logprobs"], batch["old_logprobs"], batch["rewards"], batch["mask"], None, ANCHOR, None, 2,
-            triton_loss._config_to_json(LossConfig.grpo()))
+            config_to_json(LossConfig.grpo()))
     torch.library.opcheck(triton_loss.fused_loss, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -392,6 +413,6 @@ def test_every_op_output_is_written(preset):
     batch = make_inputs(5, 3, 11, seq=preset == "gspo", seed=18, with_ref=True)
     cfg = LossConfig.preset(preset, kl_coef=0.1)
     outs = triton_loss.fused_loss(batch["logprobs"], batch["old_logprobs"], batch["rewards"], batch["mask"],
-                                  batch["ref_logprobs"], ANCHOR, None, 3, triton_loss._config_to_json(cfg))
+                                  batch["ref_logprobs"], ANCHOR, None, 3, config_to_json(cfg))
     for i, t in enumerate(outs):
         assert torch.isfinite(t.float()).all(), f"output {i} has unwritten (NaN) elements"

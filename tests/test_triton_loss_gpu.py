@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 from test_triton_loss import ANCHOR, assert_close, make_inputs  # noqa: E402
 
 from hadw_kernels import LossConfig, hadw_loss  # noqa: E402
-from hadw_kernels.ops import triton_loss  # noqa: E402
+from hadw_kernels.ops import _triton_runtime, triton_loss  # noqa: E402
 from hadw_kernels.reference import loss_terms  # noqa: E402
 
 pytestmark = [
@@ -31,7 +31,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(triton_loss, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_triton_runtime, "POISON_OUTPUTS", True)
 
 
 def to_cuda(batch):
@@ -122,3 +122,54 @@ def test_compiled_function_calling_the_op():
     args = (batch["logprobs"], batch["old_logprobs"], batch["rewards"], batch["mask"], ANCHOR.cuda())
     got, want = torch.compile(step, fullgraph=True)(*args), step(*args)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# -- the policy loss on precomputed advantages and the advantages by group id ---------------------------------------
+@pytest.mark.parametrize("preset, token_adv", [("grpo", True), ("gspo", True), ("dapo", False)], ids=str)
+def test_policy_parity_16m_tokens(preset, token_adv):
+    """hadw_policy_loss's kernel at 16.8M bf16 tokens: per-row or per-token advantages, truncated IS weights and the
+    ratio-weighted KL, against the reference on the device."""
+    from test_triton_loss_policy import policy_batch
+
+    from hadw_kernels.reference import policy_loss_terms
+
+    cfg = LossConfig.preset(preset, kl_coef=0.05, kl_ratio_weighted=True, rollout_is_threshold=2.0)
+    batch = to_cuda(policy_batch(512, 8, 4096, dtype=torch.bfloat16, seq=cfg.ratio_level == "sequence", seed=25,
+                                 token_adv=token_adv, weights=True, with_ref=True, masked_rows=(3, 1000)))
+    args = (batch["old_logprobs"], batch["advantages"], batch["mask"], cfg, batch["ref_logprobs"],
+            batch["rollout_is_weights"], None)
+    lp = batch["logprobs"]
+    (loss, metrics), nonfinite = triton_loss.policy_loss_terms_with_checks(lp, *args)
+    (grad,) = torch.autograd.grad(loss, lp)
+    r_loss, r_metrics = policy_loss_terms(lp, *args)
+    (r_grad,) = torch.autograd.grad(r_loss, lp)
+    assert nonfinite.tolist() == [0, 0, 0, 0, 0] and list(metrics) == list(r_metrics)
+    term = torch.nan_to_num(batch["advantages"].abs()).mean().item()
+    assert_close(loss, r_loss, max_rel=1e-4, floor=term, name="loss")
+    for k, v in metrics.items():
+        assert_close(v, r_metrics[k], max_rel=1e-4, floor={"pg_loss": term}.get(k, 1e-2), name=f"metric {k}")
+    err = (grad.double() - r_grad.double()).abs() / r_grad.double().abs().max()
+    assert int((err > 8e-3).sum()) <= 1e-5 * grad.numel()
+    assert metrics["clipfrac_low"] > 0 and metrics["clipfrac_high"] > 0
+
+
+@pytest.mark.parametrize("adv_norm", ["group_std", "batch_std", "none"])
+def test_advantages_by_group_id_one_million_rows(adv_norm):
+    """hadw_advantages on the kernel for 1M rows in random order, groups of 1 to 64 responses, 1% unscorable."""
+    from hadw_kernels import hadw_advantages
+
+    g = torch.Generator().manual_seed(26)
+    sizes = torch.randint(1, 65, (40000,), generator=g)
+    ids = torch.repeat_interleave(torch.arange(sizes.numel()) * 3 + 11, sizes)[:1_000_000]
+    ids = ids[torch.randperm(ids.numel(), generator=g)].cuda()
+    rewards = (torch.rand(ids.numel(), generator=g) < 0.4).float()
+    rewards[torch.rand(ids.numel(), generator=g) < 0.01] = float("nan")
+    rewards = rewards.cuda()
+    cfg = LossConfig.grpo(adv_norm=adv_norm)
+    got = hadw_advantages(rewards, anchor=0.45, config=cfg, group_ids=ids, backend="triton")
+    want = hadw_advantages(rewards, anchor=0.45, config=cfg, group_ids=ids, backend="torch")
+    for name in ("advantages", "raw", "phi", "group_mean", "group_std", "diff"):
+        assert_close(getattr(got, name), getattr(want, name), max_rel=1e-5, name=name)
+    for name in ("degenerate", "group_index", "unscorable"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.degenerate.any() and not got.degenerate.all()
