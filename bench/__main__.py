@@ -17,7 +17,7 @@ import torch
 
 from bench.harness import DTYPES, MODES, format_table, report, run_device, write_json
 
-OPS = {"hadw_loss": "bench.hadw_loss_bench"}
+OPS = {"hadw_loss": "bench.hadw_loss_bench", "policy_loss": "bench.policy_loss_bench"}
 """Op name -> the module implementing it for the harness (see `bench.harness`)."""
 
 

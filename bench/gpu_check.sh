@@ -6,7 +6,8 @@
 #      loss, the policy loss on precomputed advantages, the advantages by group id (tests/test_triton_loss_gpu.py),
 #      and the fused kernel's targets (bench/test_bench_hadw_loss.py::test_gpu_targets: fwd+bwd >= 85% of copy
 #      bandwidth, >= 8x eager, >= 1.5x compile);
-#   2. bench_fp32 / bench_bf16: the hadw_loss tables (python -m bench --devices cuda) at N=16384, T=1024, G=8;
+#   2. bench_fp32 / bench_bf16 / bench_policy: the tables (python -m bench --devices cuda) at N=16384, T=1024, G=8:
+#      hadw_loss in fp32 and bf16, hadw_policy_loss (precomputed advantages + truncated IS weights) in bf16;
 #   3. the loss-from-hidden kernels' tests and table: the marked place below.
 # Optional pure-Python packages (liger-kernel, for the `liger` providers) are taken from bench/vendor/ when it exists:
 # `bash bench/vendor_gpu_deps.sh` fills it where pip works; it is gitignored, so ship it with the working tree. Without
@@ -86,15 +87,17 @@ if ! "$py" -c "import pytest_benchmark" 2>/dev/null; then
     targets=()
 fi
 
-# -- the loss kernels: ~120 s of tests (each test compiles its kernel variants, ~1-2 s each), then two tables ----------
-step gpu_tests 120 "$py" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_triton_loss_gpu.py "${targets[@]}"
-step bench_fp32 80 "$py" -m bench --op hadw_loss --devices cuda --providers naive,reference,compiled,triton,liger \
+# -- the loss kernels: ~110 s of tests (each test compiles its kernel variants, ~1-2 s each), then three tables --------
+step gpu_tests 110 "$py" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_triton_loss_gpu.py "${targets[@]}"
+step bench_fp32 70 "$py" -m bench --op hadw_loss --devices cuda --providers naive,reference,compiled,triton,liger \
     --reps 30 --json "$out/bench_cuda_fp32.json"
 step bench_bf16 45 "$py" -m bench --op hadw_loss --devices cuda --dtype bf16 --modes full \
     --providers naive,reference,compiled,triton --reps 30 --json "$out/bench_cuda_bf16.json"
+step bench_policy 35 "$py" -m bench --op policy_loss --devices cuda --dtype bf16 --modes full \
+    --providers reference,compiled,triton --reps 30 --json "$out/bench_cuda_policy_bf16.json"
 
 # -- LOSS FROM HIDDEN STATES (hadw_kernels/ops/triton_linear_logprobs.py): its GPU tests and its from-hidden table ---
-# Reserved for that work: ~95 s of the budget is left for these steps (the three above take at most 245 s). Add them
+# Reserved for that work: ~80 s of the budget is left for these steps (the four above take at most 260 s). Add them
 # here, one `step` each, writing at most two more files under $out, e.g.
 #   step hidden_tests 45 "$py" -m pytest -q -p no:cacheprovider -rs -m gpu tests/<its GPU test file>
 #   step bench_hidden 50 "$py" -m bench --op <its op> --devices cuda --dtype bf16 ... --json "$out/bench_cuda_hidden.json"
