@@ -75,26 +75,28 @@ class HADWGRPOConfig(GRPOConfig):
             raise ValueError(f"hadw_loss={self.hadw_loss!r} is not valid; choose one of {HADW_LOSS_MODES}")
         if self.hadw_backend not in BACKENDS:
             raise ValueError(f"hadw_backend={self.hadw_backend!r} is not valid; choose one of {BACKENDS}")
-        self.hadw_anchor_from_args()  # validates the anchor settings
-        self.hadw_advantage_config()
+        anchor_from_args(self)  # validates the anchor settings
+        advantage_config_from_args(self)
 
-    def hadw_anchor_from_args(self) -> DifficultyAnchor:
-        """A fresh `DifficultyAnchor` with these settings."""
-        kwargs: dict[str, Any] = {"mode": self.hadw_anchor_mode}
-        if self.hadw_anchor_mode == "window":
-            kwargs.update(window=self.hadw_anchor_window, include_current=self.hadw_anchor_include_current)
-        elif self.hadw_anchor_mode == "ema":
-            kwargs.update(eta=self.hadw_anchor_eta, history=self.hadw_anchor_history)
-        else:
-            kwargs.update(fixed_value=self.hadw_anchor_fixed_value)
-        return DifficultyAnchor(**kwargs)
 
-    def hadw_advantage_config(self) -> LossConfig:
-        """The advantage settings in TRL's conventions: std + 1e-4 (Bessel-corrected), scale_rewards mapped."""
-        if self.scale_rewards not in ADV_NORM:
-            raise ValueError(f"scale_rewards={self.scale_rewards!r} is not valid; choose one of {tuple(ADV_NORM)}")
-        return LossConfig(adv_norm=ADV_NORM[self.scale_rewards], std_eps=TRL_STD_EPS, std_unbiased=True,
-                          hadw=self.hadw, lambda_scale=self.hadw_lambda)
+def anchor_from_args(args: Any) -> DifficultyAnchor:
+    """A fresh `DifficultyAnchor` with the `hadw_anchor_*` settings of `args`."""
+    kwargs: dict[str, Any] = {"mode": args.hadw_anchor_mode}
+    if args.hadw_anchor_mode == "window":
+        kwargs.update(window=args.hadw_anchor_window, include_current=args.hadw_anchor_include_current)
+    elif args.hadw_anchor_mode == "ema":
+        kwargs.update(eta=args.hadw_anchor_eta, history=args.hadw_anchor_history)
+    else:
+        kwargs.update(fixed_value=args.hadw_anchor_fixed_value)
+    return DifficultyAnchor(**kwargs)
+
+
+def advantage_config_from_args(args: Any) -> LossConfig:
+    """The advantage settings in TRL's conventions: std + 1e-4 (Bessel-corrected), scale_rewards mapped."""
+    if args.scale_rewards not in ADV_NORM:
+        raise ValueError(f"scale_rewards={args.scale_rewards!r} is not valid; choose one of {tuple(ADV_NORM)}")
+    return LossConfig(adv_norm=ADV_NORM[args.scale_rewards], std_eps=TRL_STD_EPS, std_unbiased=True, hadw=args.hadw,
+                      lambda_scale=args.hadw_lambda)
 
 
 class HADWGRPOMixin:
@@ -130,8 +132,8 @@ class HADWGRPOMixin:
                 loss_agg=FUSED_LOSS_AGG[self.loss_type], hadw=False, kl_coef=float(self.beta), kl_estimator="k3",
                 kl_ratio_weighted=bool(a.use_bias_correction_kl),
                 norm_len=self.max_completion_length if self.loss_type == "dr_grpo" else None)
-        self._hadw_advantage_config = a.hadw_advantage_config()
-        self.hadw_anchor: DifficultyAnchor = a.hadw_anchor_from_args()
+        self._hadw_advantage_config = advantage_config_from_args(a)
+        self.hadw_anchor: DifficultyAnchor = anchor_from_args(a)
         self.hadw_last_batch: dict[str, Any] | None = None
         self._hadw_rewards_per_func: torch.Tensor | None = None
 

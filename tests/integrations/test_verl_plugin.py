@@ -163,6 +163,18 @@ def test_estimator_with_hadw_on_equals_hadw_advantages_over_three_steps():
     assert plugin().last_metrics()["anchor_prior"] == pytest.approx(prior)
 
 
+def test_settings_default_without_an_hadw_section():
+    from verl.trainer.config import AlgoConfig
+
+    plain = OmegaConf.create({"adv_estimator": "hadw_grpo"})
+    OmegaConf.set_struct(plain, True)
+    for cfg in (plain, AlgoConfig(adv_estimator="hadw_grpo"), None):  # hydra's DictConfig, verl's dataclass, none
+        assert plugin().HADWSettings.from_algorithm_config(cfg) == plugin().HADWSettings()
+    token_rewards, mask, uids = rollout(6)
+    get_adv_estimator_fn("hadw_grpo")(token_level_rewards=token_rewards, response_mask=mask, config=plain, index=uids)
+    assert plugin().current_anchor().mode == "window" and plugin().current_anchor().steps == 1
+
+
 def test_estimator_bad_input_names_the_problem():
     token_rewards, mask, uids = rollout(3)
     est = get_adv_estimator_fn("hadw_grpo")
