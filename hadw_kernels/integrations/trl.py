@@ -158,8 +158,10 @@ class HADWGRPOMixin:
                              f"{group_size}")
         prior = None
         if self.args.hadw:
-            # once per generation batch, on the gathered rewards: the same y_t on every process, no collective
-            prior = self.hadw_anchor.step(rewards) if mode == "train" else self.hadw_anchor.value
+            # once per generation batch, on the gathered rewards: the same y_t on every process, no collective. A
+            # batch without a single scorable reward has no y_t (and only zero advantages): the anchor keeps still.
+            stepped = mode == "train" and bool((~torch.isnan(rewards)).any())
+            prior = self.hadw_anchor.step(rewards) if stepped else self.hadw_anchor.value
         group_ids = torch.arange(n_global, device=rewards.device) // group_size
         adv = hadw_advantages(rewards, anchor=prior, config=self._hadw_advantage_config, group_ids=group_ids)
         n_local = output["advantages"].shape[0]
@@ -173,7 +175,7 @@ class HADWGRPOMixin:
         metrics = self._metrics[mode]
         if prior is not None:
             metrics["hadw/anchor"].append(float(prior))
-        if mode == "train" and self.args.hadw:
+        if self.args.hadw and stepped:
             metrics["hadw/batch_accuracy"].append(float(self.hadw_anchor.last_accuracy))
         metrics["hadw/phi_mean"].append(adv.phi.mean().item())
         metrics["hadw/phi_min"].append(adv.phi.min().item())

@@ -143,6 +143,11 @@ def test_unscorable_rewards_and_batch_scaling(model_path):
         assert (expected[unscorable] == 0).all()
     assert nan_rows > 0  # the None rewards really occurred
 
+    # a batch with no scorable reward at all: no y_t, so the anchor keeps still; every advantage is 0
+    run = R.train(R.RecordingHADW, R.config(max_steps=1), model_path, reward=R.reward_none)
+    assert run.hadw_anchor.steps == 0 and run.records[0]["prior"] is None
+    assert (run.records[0]["advantages"] == 0).all()
+
 
 def test_bad_settings_are_refused_with_the_reason(model_path, tmp_path):
     with pytest.raises(ValueError, match="hadw_loss='fused' supports loss_type"):

@@ -63,6 +63,11 @@ def reward_unscorable_h(completions, **_):
     return [None if c.startswith("h") else (1.0 if "1" in c else 0.0) for c in completions]
 
 
+def reward_none(completions, **_):
+    """Every completion unscorable."""
+    return [None] * len(completions)
+
+
 def config(cls=HADWGRPOConfig, **overrides: Any):
     base = dict(output_dir=overrides.pop("output_dir", "unused"), use_cpu=True, report_to=[], seed=0,
                 per_device_train_batch_size=4, num_generations=4, gradient_accumulation_steps=2,
