@@ -3,11 +3,31 @@
 The trainer lives in ./trainer but installs as `hadw_trainer`: an unrelated `trainer` distribution exists on
 PyPI and we must not shadow it. setuptools cannot express a renamed folder with sub-packages in pyproject
 alone, so the list is computed here.
+
+The optional native CPU kernel (hadw_kernels/csrc: plain C++, no torch or Python headers) is built here as
+hadw_kernels/_hadw_cpu*.so and loaded with ctypes (hadw_kernels/ops/cpu_loss.py). It is optional: without a C++
+compiler the build only warns, and backend="auto" on CPU then uses torch.compile of the reference (with one
+warning at run time saying how to get the kernel).
 """
 
-from setuptools import find_packages, setup
+import sys
+
+from setuptools import Extension, find_packages, setup
 
 packages = find_packages(include=["hadw_kernels", "hadw_kernels.*"])
 packages += ["hadw_trainer"] + [f"hadw_trainer.{p}" for p in find_packages("trainer")]
 
-setup(packages=packages, package_dir={"hadw_trainer": "trainer"})
+# No -march: the kernel chooses its AVX-512 / AVX2 / baseline code at run time (hadw_kernels/csrc/hadw_cpu.cpp).
+unix = sys.platform != "win32"
+native = Extension(
+    "hadw_kernels._hadw_cpu",
+    sources=["hadw_kernels/csrc/hadw_cpu.cpp"],
+    depends=["hadw_kernels/csrc/hadw_cpu.h"],
+    language="c++",
+    extra_compile_args=["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-fvisibility=hidden"] if unix
+    else ["/O2", "/std:c++17"],
+    extra_link_args=["-pthread"] if unix else [],
+    optional=True,
+)
+
+setup(packages=packages, package_dir={"hadw_trainer": "trainer"}, ext_modules=[native])
