@@ -13,10 +13,13 @@ Backends:
 - "compiled": `torch.compile` of the same reference (CPU: C++ codegen; at 1M tokens fwd+bwd 5.5-6.9x faster than
   the eager reference and 3.3-4.5x faster than a plain eager implementation, bench/RESULTS.md; ~8 MB peak memory).
 - "triton": the fused Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
-- "auto" (default): Triton for CUDA tensors when triton imports, else the compiled reference, falling back to
-  eager (with one warning) where compilation fails. HADW_KERNELS_NO_COMPILE=1 turns compilation off.
-float64 inputs (the tests' ground truth, not a training dtype) never go to a kernel: "auto" and "triton" run the
-eager reference for them.
+- "native": the fused C++ CPU kernel (`hadw_kernels.ops.cpu_loss`; forward and gradient in one pass; bench/RESULTS.md
+  has its speed), built by `pip install -e .` where a C++ compiler is present.
+- "auto" (default): Triton for CUDA tensors when triton imports; on CPU the native kernel, or where it is not built
+  the compiled reference (with one warning saying how to build the kernel), falling back to eager (with one
+  warning) where compilation fails. HADW_KERNELS_NO_COMPILE=1 turns compilation off.
+float64 inputs (the tests' ground truth, not a training dtype) never go to a kernel: "auto", "triton" and "native"
+run the eager reference for them.
 """
 
 from __future__ import annotations
@@ -111,16 +114,58 @@ def _run_triton(op: str, args: tuple):
     return fn(*args)
 
 
+# op name -> the name of the same function in hadw_kernels.ops.cpu_loss (the native CPU kernel)
+_NATIVE_OPS = {"loss": "loss_terms_with_checks", "policy_loss": "policy_loss_terms_with_checks"}
+_NATIVE_WARNED: list[str] = []
+
+
+@functools.cache
+def _native_fn(op: str):
+    """The native CPU kernel's entry point of `op`, or None where the kernel is not built (or has no such op)."""
+    from hadw_kernels.ops import cpu_loss
+
+    return getattr(cpu_loss, _NATIVE_OPS[op]) if op in _NATIVE_OPS and cpu_loss.unavailable_reason() is None else None
+
+
+def _run_native(op: str, device: torch.device, args: tuple):
+    fn = _native_fn(op)
+    if fn is None or device.type != "cpu":
+        from hadw_kernels.ops import cpu_loss
+
+        why = f"runs on CPU tensors, got {device}" if fn is not None else cpu_loss.unavailable_reason()
+        raise RuntimeError(f"backend='native': {why}" + ("" if fn is not None else f"; {cpu_loss.BUILD_HINT}"))
+    return fn(*args)
+
+
+def _warn_no_native(op: str) -> None:
+    if op in _NATIVE_OPS and not _NATIVE_WARNED:
+        from hadw_kernels.ops import cpu_loss
+
+        _NATIVE_WARNED.append(op)
+        warnings.warn(f"hadw_kernels: {cpu_loss.unavailable_reason()}, so backend='auto' runs torch.compile of the "
+                      f"reference on CPU (several times slower, and a compile per new shape). For the fast path, "
+                      f"{cpu_loss.BUILD_HINT}.", RuntimeWarning, stacklevel=4)
+
+
 def _dispatch(op: str, backend: str, device: torch.device, fp64: bool, args: tuple):
     reference = _OPS[op][0]
+    native_auto = backend == "auto" and device.type == "cpu" and not fp64
     if compiling():  # inside a caller's torch.compile: its compiler handles the reference, the kernel is an op
         use_triton = not fp64 and (backend == "triton" or (
             backend == "auto" and device.type == "cuda" and _triton_fn(op) is not None))
-        return _run_triton(op, args) if use_triton else reference(*args)
-    if backend == "torch" or (backend == "triton" and fp64):
+        if use_triton:
+            return _run_triton(op, args)
+        if (backend == "native" and not fp64) or (native_auto and _native_fn(op) is not None):
+            return _run_native(op, device, args)
+        return reference(*args)
+    if backend == "torch" or (backend in ("triton", "native") and fp64):
         return reference(*args)
     if backend == "triton":
         return _run_triton(op, args)
+    if backend == "native" or (native_auto and _native_fn(op) is not None):
+        return _run_native(op, device, args)
+    if native_auto:
+        _warn_no_native(op)
     if backend == "compiled":
         return _compiled(op)(*args)
     # auto
@@ -170,7 +215,7 @@ def hadw_loss(
             valid-token count for token-mean, the total count of non-empty rows for seq-mean-* (see
             `loss_normalizer`). The micro-batch losses then sum to the whole-batch loss exactly. No collective
             runs inside the loss.
-        backend: 'auto' | 'torch' | 'compiled' | 'triton' (module docstring).
+        backend: 'auto' | 'torch' | 'compiled' | 'triton' | 'native' (module docstring).
 
     Returns:
         `LossOutput`: loss (0-d fp32, fp64 for fp64 inputs), advantages [N], phi [N], metrics (detached 0-d).
@@ -226,7 +271,7 @@ def hadw_policy_loss(
             from the trainer's (see `truncated_is_weights`); they multiply each token's surrogate, truncated at
             config.rollout_is_threshold.
         normalizer: the global denominator (see `hadw_loss` and `loss_normalizer`).
-        backend: 'auto' | 'torch' | 'compiled' | 'triton' (module docstring).
+        backend: 'auto' | 'torch' | 'compiled' | 'triton' | 'native' (module docstring).
 
     Returns:
         `LossOutput`: loss, advantages (the input, detached), phi None, metrics (`POLICY_METRICS`, plus kl and

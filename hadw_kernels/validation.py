@@ -13,7 +13,7 @@ from hadw_kernels.anchor import DifficultyAnchor
 from hadw_kernels.config import LossConfig
 from hadw_kernels.reference import active_anchor
 
-BACKENDS = ("auto", "torch", "compiled", "triton")
+BACKENDS = ("auto", "torch", "compiled", "triton", "native")
 INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 AnchorLike = float | int | torch.Tensor | DifficultyAnchor | None

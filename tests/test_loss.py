@@ -344,13 +344,14 @@ def test_module_reads_its_anchor():
 
 @pytest.mark.slow
 def test_compiled_backend_matches_eager():
-    """backend='compiled' (and 'auto' on CPU) is torch.compile of the same reference: same values, same gradient."""
+    """backend='compiled' is torch.compile of the same reference: same values, same gradient. ('auto' on CPU is the
+    native kernel: tests/test_cpu_kernel.py.)"""
     for preset, seed in (("grpo", 16), ("gspo", 17)):
         cfg = LossConfig.preset(preset, kl_coef=0.02)
         batch = make_batch(seed=seed, dtype=torch.float32, with_ref=True, masked_rows=(2,),
                            spread=0.3 if preset == "grpo" else 0.002)
         eager, g_eager = grad_of(batch, 4, 0.4, cfg)
-        for backend in ("compiled", "auto"):
+        for backend in ("compiled",):
             out, g = grad_of(batch, 4, 0.4, cfg, backend=backend)
             assert out.loss.item() == pytest.approx(eager.loss.item(), rel=1e-5)
             assert_close(g, g_eager, rtol=1e-4, atol=1e-9, name=f"{preset}/{backend} grad")
