@@ -45,6 +45,12 @@ def model_path(tmp_path_factory):
     return R.saved_model(str(tmp_path_factory.mktemp("tiny-qwen2")))
 
 
+@pytest.fixture
+def out(tmp_path):
+    """The Trainer's output_dir."""
+    return str(tmp_path / "out")
+
+
 def compare_logs(name: str, reference, ours) -> None:
     """Loss and grad-norm of every logged step: |dloss| <= 1e-6 * max(1, |loss|) (the per-token loss terms are of
     the advantages' size, ~1, so a loss that cancels to ~0 is held to 1e-6 absolute), |dgrad_norm| / grad_norm <=
@@ -66,12 +72,13 @@ PARITY = dict(num_iterations=2, beta=0.02, max_steps=2)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_hadw_off_equals_stock_trl_in_both_modes(loss_type, model_path):
-    stock = R.train(R.RecordingStock, R.config(R.GRPOConfig, loss_type=loss_type, **PARITY), model_path)
+def test_hadw_off_equals_stock_trl_in_both_modes(loss_type, model_path, out):
+    stock = R.train(R.RecordingStock, R.config(R.GRPOConfig, output_dir=out, loss_type=loss_type, **PARITY),
+                    model_path)
     region = R.step_logs(stock)[1]["clip_ratio/region_mean"]
     assert region > 0 and R.step_logs(stock)[1]["kl"] > 0  # step 2 really clips and has a KL
     for mode in ("trl", "fused"):
-        ours = R.train(R.RecordingHADW, R.config(loss_type=loss_type, hadw=False, hadw_loss=mode,
+        ours = R.train(R.RecordingHADW, R.config(output_dir=out, loss_type=loss_type, hadw=False, hadw_loss=mode,
                                                  hadw_backend="torch", **PARITY), model_path)
         compare_logs(f"{loss_type:7s} hadw off, hadw_loss={mode}", stock, ours)
         for ref, mine in zip(stock.records, ours.records, strict=True):  # advantages, TRL's vs ours with Phi = 1
@@ -82,15 +89,15 @@ def test_hadw_off_equals_stock_trl_in_both_modes(loss_type, model_path):
                     assert mine[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
 
 
-def test_fused_gspo_with_masks_and_entropy_bonus_equals_stock_trl(model_path):
+def test_fused_gspo_with_masks_and_entropy_bonus_equals_stock_trl(model_path, out):
     """Sequence-level ratio (GSPO), off-policy sequence mask, high-entropy token mask and a static entropy bonus:
     TRL's multipliers enter the fused loss as rollout_is_weights."""
     extra = dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2,
                  top_entropy_quantile=0.5, off_policy_mask_threshold=0.02, entropy_coef=0.01, **PARITY)
-    stock = R.train(R.RecordingStock, R.config(R.GRPOConfig, **extra), model_path)
+    stock = R.train(R.RecordingStock, R.config(R.GRPOConfig, output_dir=out, **extra), model_path)
     assert R.step_logs(stock)[1]["clip_ratio/region_mean"] > 0
-    ours = R.train(R.RecordingHADW, R.config(hadw=False, hadw_loss="fused", hadw_backend="torch", **extra),
-                   model_path)
+    ours = R.train(R.RecordingHADW, R.config(output_dir=out, hadw=False, hadw_loss="fused", hadw_backend="torch",
+                                             **extra), model_path)
     compare_logs("grpo    hadw off, fused, sequence ratio + masks + entropy bonus", stock, ours)
     for ref, mine in zip(R.step_logs(stock), R.step_logs(ours), strict=True):
         assert mine["policy_loss"] == pytest.approx(ref["policy_loss"], rel=1e-5, abs=1e-7)
@@ -128,8 +135,9 @@ def test_hadw_on_advantages_equal_hadw_advantages_and_the_anchor_survives_a_chec
     assert resumed.hadw_anchor.state_dict()["steps"] == 3
 
 
-def test_unscorable_rewards_and_batch_scaling(model_path):
-    args = R.config(hadw_loss="trl", scale_rewards="batch", max_steps=2, hadw_anchor_mode="ema", hadw_anchor_eta=0.5)
+def test_unscorable_rewards_and_batch_scaling(model_path, out):
+    args = R.config(output_dir=out, hadw_loss="trl", scale_rewards="batch", max_steps=2, hadw_anchor_mode="ema",
+                    hadw_anchor_eta=0.5)
     run = R.train(R.RecordingHADW, args, model_path, reward=R.reward_unscorable_h)
     cfg = LossConfig(std_eps=1e-4, adv_norm="batch_std")
     anchor = DifficultyAnchor(mode="ema", eta=0.5)
@@ -144,26 +152,27 @@ def test_unscorable_rewards_and_batch_scaling(model_path):
     assert nan_rows > 0  # the None rewards really occurred
 
     # a batch with no scorable reward at all: no y_t, so the anchor keeps still; every advantage is 0
-    run = R.train(R.RecordingHADW, R.config(max_steps=1), model_path, reward=R.reward_none)
+    run = R.train(R.RecordingHADW, R.config(output_dir=out, max_steps=1), model_path, reward=R.reward_none)
     assert run.hadw_anchor.steps == 0 and run.records[0]["prior"] is None
     assert (run.records[0]["advantages"] == 0).all()
 
 
-def test_bad_settings_are_refused_with_the_reason(model_path, tmp_path):
+def test_bad_settings_are_refused_with_the_reason(model_path, tmp_path, out):
     with pytest.raises(ValueError, match="hadw_loss='fused' supports loss_type"):
-        R.train(R.RecordingHADW, R.config(loss_type="sapo", hadw_loss="fused"), model_path)
+        R.train(R.RecordingHADW, R.config(output_dir=out, loss_type="sapo", hadw_loss="fused"), model_path)
     with pytest.raises(ValueError, match="normalize_then_sum"):
-        R.train(R.RecordingHADW, R.config(multi_objective_aggregation="normalize_then_sum"), model_path)
+        R.train(R.RecordingHADW, R.config(output_dir=out, multi_objective_aggregation="normalize_then_sum"),
+                model_path)
     with pytest.raises(ValueError, match="two-sided clipping"):
-        R.train(R.RecordingHADW, R.config(hadw_loss="fused", delta=2.0), model_path)
+        R.train(R.RecordingHADW, R.config(output_dir=out, hadw_loss="fused", delta=2.0), model_path)
     with pytest.raises(ValueError, match="hadw_loss='x' is not valid"):
-        R.config(hadw_loss="x")
+        R.config(output_dir=out, hadw_loss="x")
     with pytest.raises(ValueError, match="unknown mode|hadw_anchor_mode"):
-        R.config(hadw_anchor_mode="median")
+        R.config(output_dir=out, hadw_anchor_mode="median")
     with pytest.raises(ValueError, match="lambda_scale"):
-        R.config(hadw_lambda=-1.0)
+        R.config(output_dir=out, hadw_lambda=-1.0)
     with pytest.raises(ValueError, match="needs HADWGRPOConfig"):
-        R.train(R.RecordingHADW, R.config(R.GRPOConfig), model_path)
+        R.train(R.RecordingHADW, R.config(R.GRPOConfig, output_dir=out), model_path)
     # a checkpoint written without HA-DW cannot restore the anchor
     R.train(R.RecordingStock, R.config(R.GRPOConfig, max_steps=1, save_strategy="steps", save_steps=1,
                                        output_dir=str(tmp_path)), model_path)

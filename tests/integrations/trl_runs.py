@@ -68,8 +68,9 @@ def reward_none(completions, **_):
     return [None] * len(completions)
 
 
-def config(cls=HADWGRPOConfig, **overrides: Any):
-    base = dict(output_dir=overrides.pop("output_dir", "unused"), use_cpu=True, report_to=[], seed=0,
+def config(cls=HADWGRPOConfig, *, output_dir: str, **overrides: Any):
+    """A small CPU run's arguments; `output_dir` is where the Trainer may write (a test's tmp_path)."""
+    base = dict(output_dir=output_dir, use_cpu=True, report_to=[], seed=0,
                 per_device_train_batch_size=4, num_generations=4, gradient_accumulation_steps=2,
                 max_completion_length=8, max_steps=2, logging_steps=1, save_strategy="no", learning_rate=3e-2,
                 disable_tqdm=True, temperature=1.0)
