@@ -19,7 +19,13 @@ from hadw_kernels import DifficultyAnchor, LossConfig, hadw_advantages, hadw_los
 from hadw_kernels.theory.binomial import expected_group_mean  # noqa: E402
 from hadw_kernels.theory.cli import main  # noqa: E402
 from hadw_kernels.theory.lab import Study, _Runner, choose_lr, run_study  # noqa: E402
-from hadw_kernels.theory.lab_arms import AdvantageEstimator, Arm, rectified_scale, standard_arms  # noqa: E402
+from hadw_kernels.theory.lab_arms import (  # noqa: E402
+    AdvantageEstimator,
+    Arm,
+    expected_step,
+    rectified_scale,
+    standard_arms,
+)
 from hadw_kernels.theory.lab_bandit import Task, make_instances, make_streams, sample_answers  # noqa: E402
 from hadw_kernels.theory.lab_report import write_outputs  # noqa: E402
 from hadw_kernels.theory.lab_run import Optimizer, RunCurves, Setting, arm_loss, run_arm  # noqa: E402
@@ -128,6 +134,61 @@ def test_renormalised_hadw_keeps_the_total_and_the_direction():
         ratio = renorm[rows][hadw[rows] != 0] / hadw[rows][hadw[rows] != 0]
         torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-13, atol=0)  # one factor per batch
     assert not torch.allclose(renorm, hadw)
+
+
+def test_loo_is_grpo_times_g_over_g_minus_1():
+    S, B, G = 3, 5, 4
+    _, rewards, true_p = _step_inputs(S, B, G)
+    for adv_norm in ("group_std", "none"):
+        cfg = LossConfig.grpo(adv_norm=adv_norm)
+        loo, _ = AdvantageEstimator(ARMS["loo"], cfg, S, G)(rewards, true_p)
+        grpo = hadw_advantages(rewards.reshape(-1), G, config=cfg.replace(hadw=False)).advantages
+        torch.testing.assert_close(loo, grpo * (G / (G - 1)), rtol=0, atol=0)
+    # with adv_norm='none' it is r_i minus the mean of the other G - 1 rewards, literally
+    r = rewards.reshape(-1, G)
+    want = (r - (r.sum(1, keepdim=True) - r) / (G - 1)).reshape(-1)
+    loo, _ = AdvantageEstimator(ARMS["loo"], LossConfig.grpo(adv_norm="none"), S, G)(rewards, true_p)
+    torch.testing.assert_close(loo, want, rtol=0, atol=1e-15)
+
+
+# -- what each arm does to one prompt in expectation ------------------------------------------------------------------
+def test_expected_step_closed_forms():
+    p = np.linspace(0.01, 0.99, 41)
+    for G in (2, 4, 8, 16):
+        # the group-mean baseline is unbiased up to (G - 1) / G; leave-one-out exactly; the truncated oracle loses
+        # the degenerate groups' share: G (1 - p (1 - p)^(G-1) - (1 - p) p^(G-1))
+        np.testing.assert_allclose(expected_step(ARMS["grpo"], p, G, adv_norm="none"), G - 1, rtol=1e-12)
+        np.testing.assert_allclose(expected_step(ARMS["loo"], p, G, adv_norm="none"), G, rtol=1e-12)
+        np.testing.assert_allclose(expected_step(ARMS["oracle"], p, G, adv_norm="none"),
+                                   G * (1 - p * (1 - p) ** (G - 1) - (1 - p) * p ** (G - 1)), rtol=1e-12)
+    np.testing.assert_allclose(expected_step(ARMS["grpo_lr2"], p, 8), 2 * expected_step(ARMS["grpo"], p, 8))
+    with pytest.raises(ValueError, match="renormalised"):
+        expected_step(ARMS["hadw_renorm"], p, 8)
+
+
+@pytest.mark.parametrize("family", ["tabular", "shared"])
+def test_expected_step_matches_the_lab_loss_gradient(family):
+    """Monte Carlo: the mean gradient of the lab's loss on one prompt is -kappa(p) grad p / G (HA-DW, fixed C)."""
+    G, n = 8, 40_000
+    arm = Arm("h", anchor="fixed", lambda_scale=1.3)  # the library's fixed anchor: C = 0.5
+    inst = make_instances(Task(prompts=3, answers=4, features=3), [7])
+    from hadw_kernels.theory.lab_bandit import Policy
+
+    policy = Policy(family, inst)
+    j = 0  # the prompt
+    probs = torch.softmax(policy.logits()[0, j], -1).detach()
+    c = int(inst.correct[0, j])
+    p = float(probs[c])
+    (grad_p,) = torch.autograd.grad(torch.softmax(policy.logits()[0, j], -1)[c], policy.params)
+    g = torch.Generator().manual_seed(0)
+    answers = torch.multinomial(probs, n * G, replacement=True, generator=g)
+    rewards = (answers == c).to(torch.float64).reshape(1, n * G)
+    logp = torch.log_softmax(policy.logits()[0, j], -1)[answers].reshape(-1, 1)
+    est = AdvantageEstimator(arm, LossConfig.grpo(), 1, G)
+    loss, adv, _ = arm_loss(est, logp, rewards, torch.full((1, n), p, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(loss, policy.params)  # loss = -sum_i A_i logp_i / (n G)
+    kappa = float(expected_step(arm, p, G, anchor=0.5))
+    torch.testing.assert_close(-grad * G, kappa * grad_p, rtol=0.03, atol=0.03 * float(grad_p.abs().max()) * kappa)
 
 
 # -- the rectification lemma ----------------------------------------------------------------------------------------
@@ -279,6 +340,9 @@ def test_choose_lr_rule():
     assert choose_lr((1, 2, 4, 8), [0.3, 0.6, 0.5, 0.4], a0=0.2) == (2, "best AUC")
     lr, rule = choose_lr((1, 2, 4, 8), [0.3, 0.5, 0.7, 0.9], a0=0.2)  # still rising: mid-way (0.6) rate
     assert lr in (2, 4) and "mid-way" in rule
+    assert choose_lr((1, 2, 4, 8), [0.3, 0.6, 0.5, 0.4], a0=0.2, rule="midway") == (2, "mid-way rate")
+    with pytest.raises(ValueError, match="rule"):
+        choose_lr((1, 2), [0.3, 0.6], a0=0.2, rule="fastest")
 
 
 # -- the whole study, the worker processes and the CLI ----------------------------------------------------------------
@@ -300,10 +364,12 @@ def test_run_study_and_outputs(tmp_path):
     assert "hadw_window_l1.3 - grpo_lr1.3" in s["contrasts"]
     paths = write_outputs(result, str(tmp_path))
     assert {p.rsplit("/", 1)[1] for p in paths} == {"lab_results.json", "lab_table.md", "lab_curves.png",
-                                                   "lab_curves_hard.png", "lab_forest.png", "lab_forest_hard.png"}
+                                                   "lab_curves_hard.png", "lab_forest.png", "lab_forest_hard.png",
+                                                   "lab_step_multiplier.png"}
     data = json.loads((tmp_path / "lab_results.json").read_text())
     assert data["settings"]["shared/sgd/G4"]["arms"]["oracle"]["paired"]["final"]["n"] == 3
-    assert "| hadw_window_l1.3 |" in (tmp_path / "lab_table.md").read_text()
+    table = (tmp_path / "lab_table.md").read_text()
+    assert "| hadw_window_l1.3 |" in table and "kappa(p) / kappa_GRPO(p), G = 4" in table
     for name in ("lab_curves.png", "lab_forest.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

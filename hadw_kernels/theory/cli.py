@@ -216,7 +216,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     study = QUICK if args.quick else Study()
     overrides = dict(seeds=args.seeds, steps=args.steps, groups=tuple(args.G) if args.G else None,
-                     adv_norm=args.adv_norm)
+                     families=tuple(args.families) if args.families else None,
+                     optimizers=tuple(args.optimizers) if args.optimizers else None,
+                     adv_norm=args.adv_norm, lr_rule=args.lr_rule)
     study = dataclasses.replace(study, **{k: v for k, v in overrides.items() if v is not None})
     result = run_study(study, jobs=args.jobs)
     print(summary_text(result))
@@ -293,7 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_count, help="reported seeds per arm, >= 2 (default 24; quick 6)")
     p.add_argument("--steps", type=_count, help="optimizer steps per run (default 200; quick 60)")
     p.add_argument("--G", type=_positive_int, nargs="+", help="group sizes (default 4 8 16; quick 8)")
+    p.add_argument("--families", nargs="+", choices=("tabular", "shared"), help="policy families (default both)")
+    p.add_argument("--optimizers", nargs="+", choices=("sgd", "adam"), help="optimizers (default both; quick sgd)")
     p.add_argument("--adv-norm", choices=("group_std", "none"), help="advantage normalisation (default group_std)")
+    p.add_argument("--lr-rule", choices=("best", "midway"),
+                   help="how the pilot picks GRPO's rate: best AUC (default) or the mid-way rate")
     p.add_argument("--jobs", type=_count, help="worker processes (default: the CPU count)")
     p.set_defaults(func=cmd_lab)
 

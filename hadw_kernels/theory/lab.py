@@ -32,10 +32,12 @@ PILOT_SEED_BASE = 10_000
 """Pilot seeds are PILOT_SEED_BASE, PILOT_SEED_BASE + 1, ...; reported seeds are 0, 1, ...: never the same."""
 LR_GRIDS = {
     "sgd": (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0),
-    "adam": (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
+    "adam": (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12),
 }
 """The pilot's learning-rate grids (factor 2 apart). The loss is a mean over the batch's B * G responses, so SGD
 needs large rates on these tiny models; Adam's step is ~lr per coordinate whatever the gradient's scale."""
+LR_RULES = ("best", "midway")
+"""The pilot's rules for picking GRPO's rate (`choose_lr`)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Study:
     optimizers: tuple[str, ...] = ("sgd", "adam")
     seeds: int = 24
     """Reported seeds per arm (0 ... seeds - 1), the same in every arm."""
-    pilot_seeds: int = 8
+    pilot_seeds: int = 6
     """Seeds of the learning-rate pilot (PILOT_SEED_BASE + ...), never reported."""
     steps: int = 200
     batch: int = 32
@@ -57,6 +59,9 @@ class Study:
     target: float = 0.5
     """steps_to_target: the step at which the mean accuracy first closes this fraction of the gap from a0 to 1."""
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_GRIDS))
+    lr_rule: str = "best"
+    """How the pilot picks GRPO's rate (`choose_lr`): 'best' AUC (mid-way where AUC rises over the whole grid) or
+    always 'midway' (a regime where learning spans the horizon)."""
 
     def __post_init__(self) -> None:
         if self.seeds < 2 or self.pilot_seeds < 1:
@@ -65,6 +70,8 @@ class Study:
             raise ValueError("Study: the first arm must be plain GRPO, Arm('grpo'): every difference is taken to it")
         if len({a.name for a in self.arms}) != len(self.arms):
             raise ValueError("Study: arm names must be unique")
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"Study: lr_rule must be one of {LR_RULES}, got {self.lr_rule!r}")
         if PILOT_SEED_BASE < self.seeds:
             raise ValueError(f"Study: at most {PILOT_SEED_BASE} reported seeds (the pilot seeds start there)")
 
@@ -86,11 +93,12 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one thread per run: the parallelism is across processes
 
 
-def _run_task(task: tuple[str, Setting, Arm, tuple[int, ...], float]) -> tuple[str, str, float, dict, float]:
+def _run_task(task: tuple[str, Setting, Arm, tuple[int, ...], float]) -> tuple[str, str, float, dict, float, float]:
     tag, setting, arm, seeds, lr = task
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     curves = run_arm(setting, arm, seeds, lr)
-    return tag, arm.name, lr, dataclasses.asdict(curves), time.perf_counter() - start
+    return (tag, arm.name, lr, dataclasses.asdict(curves), time.perf_counter() - start,
+            time.process_time() - cpu)
 
 
 class _Runner:
@@ -119,25 +127,28 @@ class _Runner:
             self.pool.join()
 
 
-def choose_lr(grid: tuple[float, ...], auc: list[float], a0: float) -> tuple[float, str]:
-    """The pilot's rule: the grid rate with the best mean AUC of plain GRPO, when that best lies inside the grid.
-    Where AUC still rises at the grid's top (no instability limits the step: the tabular family), there is no best
-    rate; then the rate whose AUC is closest to the midpoint (a0 + 1) / 2, so the runs are mid-way through learning
-    over the horizon and differences between arms stay measurable."""
+def choose_lr(grid: tuple[float, ...], auc: list[float], a0: float, rule: str = "best") -> tuple[float, str]:
+    """The pilot's rule. 'best': the grid rate with the best mean AUC of plain GRPO, when that best lies inside the
+    grid. Where AUC still rises at the grid's top (no instability limits the step: the tabular family), there is no
+    best rate; then, as always with 'midway', the rate whose AUC is closest to the midpoint (a0 + 1) / 2, so the runs
+    are mid-way through learning over the horizon and differences between arms stay measurable."""
+    if rule not in LR_RULES:
+        raise ValueError(f"choose_lr: rule must be one of {LR_RULES}, got {rule!r}")
     best = int(np.argmax(auc))
-    if best < len(grid) - 1:
+    if rule == "best" and best < len(grid) - 1:
         return grid[best], "best AUC"
     mid = int(np.argmin([abs(a - (a0 + 1.0) / 2.0) for a in auc]))
-    return grid[mid], "AUC rises over the whole grid: mid-way rate"
+    why = "mid-way rate" if rule == "midway" else "AUC rises over the whole grid: mid-way rate"
+    return grid[mid], why
 
 
-def _pilot_choice(setting: Setting, grid: tuple[float, ...], pilot_runs: list) -> dict:
-    by_lr = {lr: np.asarray(c["acc"]) for tag, _, lr, c, _ in pilot_runs if tag == setting.key}
+def _pilot_choice(setting: Setting, grid: tuple[float, ...], pilot_runs: list, rule: str) -> dict:
+    by_lr = {r[2]: np.asarray(r[3]["acc"]) for r in pilot_runs if r[0] == setting.key}
     auc = [float(by_lr[lr].mean()) for lr in grid]
     final = [float(by_lr[lr][:, -1].mean()) for lr in grid]
     a0 = float(by_lr[grid[0]][:, 0].mean())
-    lr, rule = choose_lr(grid, auc, a0)
-    return dict(grid=list(grid), auc=auc, final=final, a0=a0, lr=lr, rule=rule)
+    lr, why = choose_lr(grid, auc, a0, rule)
+    return dict(grid=list(grid), auc=auc, final=final, a0=a0, lr=lr, rule=why)
 
 
 def _loadavg() -> list[float] | None:
@@ -168,7 +179,7 @@ def run_study(study: Study, jobs: int | None = None, log=print) -> dict:
             f"{len(pilot_seeds)} seeds")
         tasks = [(s.key, s, grpo, pilot_seeds, lr) for s in settings for lr in study.lr_grids[s.optimizer]]
         pilot_runs = runner.map(tasks, progress("pilot"))
-        pilot = {s.key: _pilot_choice(s, study.lr_grids[s.optimizer], pilot_runs) for s in settings}
+        pilot = {s.key: _pilot_choice(s, study.lr_grids[s.optimizer], pilot_runs, study.lr_rule) for s in settings}
         for key, p in pilot.items():
             log(f"  {key}: lr = {p['lr']:g} ({p['rule']})")
         pilot_done = time.time()
@@ -178,7 +189,7 @@ def run_study(study: Study, jobs: int | None = None, log=print) -> dict:
         tasks = [(s.key, s, arm, seeds, pilot[s.key]["lr"])
                  for arm in sorted(study.arms, key=lambda a: a.anchor is None) for s in settings]
         runs = runner.map(tasks, progress("study"))
-    by_key = {(tag, name): (lr, curves, secs) for tag, name, lr, curves, secs in runs}
+    by_key = {(r[0], r[1]): (r[2], r[3], r[4]) for r in runs}
 
     result_settings = {}
     for s in settings:
@@ -189,7 +200,8 @@ def run_study(study: Study, jobs: int | None = None, log=print) -> dict:
         environment=dict(python=platform.python_version(), torch=_torch_version(), cpu_count=os.cpu_count(),
                          jobs=jobs, load_average_start=load_start, load_average_end=_loadavg(),
                          seconds_pilot=round(pilot_done - started, 1), seconds_total=round(finished - started, 1),
-                         run_seconds=round(sum(r[4] for r in runs) + sum(r[4] for r in pilot_runs), 1)),
+                         run_seconds=round(sum(r[4] for r in runs + pilot_runs), 1),
+                         cpu_seconds=round(sum(r[5] for r in runs + pilot_runs), 1)),
         rectified={str(g): _rectified_dict(g) for g in study.groups},
         pilot=pilot,
         settings=result_settings,
@@ -237,6 +249,9 @@ def _analyse(study: Study, setting: Setting, by_key: dict, pilot: dict) -> dict:
         if ref in metrics:
             contrasts[f"{arm.name} - {ref}"] = {m: paired_difference(metrics[arm.name][m], metrics[ref][m]).to_dict()
                                                for m in METRICS}
+    if "oracle" in metrics and "loo" in metrics:  # the true p against the unbiased baseline of the same step size
+        contrasts["oracle - loo"] = {m: paired_difference(metrics["oracle"][m], metrics["loo"][m]).to_dict()
+                                     for m in METRICS}
     return dict(setting=dict(family=setting.family, optimizer=setting.optimizer, G=setting.group,
                              batch=setting.batch, steps=setting.steps, adv_norm=setting.adv_norm),
                 lr=pilot["lr"], arms=arms_out, contrasts=contrasts)

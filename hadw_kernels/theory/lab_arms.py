@@ -2,11 +2,15 @@
 
 Every arm ends in `hadw_kernels.hadw_policy_loss`; the advantages come from `hadw_kernels.hadw_advantages` (with a
 `hadw_kernels.DifficultyAnchor` per seed for the HA-DW arms). Three arms change the baseline or the scale of the
-library's advantages, and those changes are the object of the experiment, written out here:
+library's advantages, and those changes are the object of the experiment, written out here (four, with `loo`):
 
 - `oracle`: the true success probability p of the prompt under the current policy replaces the group mean p̂:
   A = (r - p) / (s + eps) ('group_std') or r - p ('none'), with the group's own std s. Degenerate groups keep
   A = 0, as in GRPO, so this arm removes exactly the bias of Lemma 2 (E[p̂ | S] != p) and nothing else.
+- `loo`: the leave-one-out baseline (RLOO): r_i - mean of the other G - 1 rewards = G / (G - 1) (r_i - p̂), so
+  GRPO's advantages times G / (G - 1) (same std). It is unbiased for the policy gradient, and it is the step-size
+  reference for the oracle: the group mean includes the response's own reward, which shrinks every advantage by
+  (G - 1) / G, and the true p does not (`expected_step`).
 - `rectified`: the paper's baseline rectification (the lemma behind Theorem 3): the baseline c * p̂ with
   c in (c_low, c_high), where c_low = sup (p - eps) / E[p̂ | S, p] and c_high = inf (p + eps) / E[p̂ | S, p] over
   the confidence interval I = [p̂ - eps_delta, p̂ + eps_delta] ∩ [floor, 1 - floor],
@@ -32,7 +36,7 @@ import torch
 from hadw_kernels import DifficultyAnchor, LossConfig, hadw_advantages
 from hadw_kernels.theory.binomial import expected_group_mean, nondegenerate_prob
 
-BASELINES = ("group", "oracle", "rectified")
+BASELINES = ("group", "loo", "oracle", "rectified")
 ANCHOR_MODES = ("window", "ema", "fixed")
 RECTIFY_DELTA = 0.1
 """delta of the rectification lemma: the confidence interval I holds p with probability >= 1 - delta."""
@@ -49,7 +53,8 @@ class Arm:
     lr_mult: float = 1.0
     """The learning rate is the setting's tuned GRPO rate times this."""
     baseline: str = "group"
-    """'group' (p̂, GRPO), 'oracle' (the true p) or 'rectified' (c * p̂, the rectification lemma)."""
+    """'group' (p̂, GRPO), 'loo' (leave-one-out mean), 'oracle' (the true p) or 'rectified' (c * p̂, the
+    rectification lemma)."""
     anchor: str | None = None
     """None: Φ = 1. 'window' | 'ema' | 'fixed': HA-DW with a `DifficultyAnchor` of that mode (library defaults)."""
     lambda_scale: float = 1.0
@@ -78,6 +83,7 @@ def standard_arms() -> tuple[Arm, ...]:
     for mode in ANCHOR_MODES:
         arms += [Arm(f"hadw_{mode}_l{lam:g}", anchor=mode, lambda_scale=lam) for lam in (1.0, 1.3, 1.5)]
     arms += [Arm("hadw_renorm", anchor="window", lambda_scale=1.3, renormalize=True),
+             Arm("loo", baseline="loo"),
              Arm("oracle", baseline="oracle"),
              Arm("rectified", baseline="rectified")]
     return tuple(arms)
@@ -115,6 +121,47 @@ def rectified_scale(G: int, delta: float = RECTIFY_DELTA, floor: float = RECTIFY
     return c, eps, eps_delta
 
 
+# -- what each arm does to one prompt, in expectation -------------------------------------------------------------
+def expected_step(arm: Arm, p: float | np.ndarray, G: int, anchor: float = 0.5,
+                  adv_norm: str = "group_std") -> np.ndarray:
+    """kappa(p): the expected update an arm gives one prompt is kappa(p) * grad p (times lr * lr_mult / N).
+
+    Given the group's rewards, a correct response's score is grad log pi(c) = grad p / p and a wrong one's is, on
+    average over which wrong answer, -grad p / (1 - p); the advantages depend on the rewards only. So for any policy
+    family the expected update is sum_i A_i (r_i / p - (1 - r_i) / (1 - p)) grad p, averaged over R ~ Bin(G, p):
+    kappa(p) = sum_R P(R) [R A+(R) / p - (G - R) A-(R) / (1 - p)], with A+(R) / A-(R) the advantage of a correct /
+    wrong response in a group with R correct, taken from `hadw_advantages` (anchor fixed at `anchor`). Plain GRPO
+    with adv_norm='none' has kappa = G - 1 for every p (unbiased up to scale); the arms differ in how kappa(p) moves
+    with p, i.e. how they share the step between hard and easy prompts. The renormalised arm is batch-level and
+    not defined for one prompt (ValueError).
+
+    Args:
+        p: success probabilities in (0, 1), float or array [*].
+    Returns: kappa, an array like p (times arm.lr_mult).
+    """
+    if arm.renormalize:
+        raise ValueError("expected_step: the renormalised arm rescales a whole batch; it has no per-prompt kappa")
+    p = np.asarray(p, dtype=np.float64)
+    if not np.all((p > 0) & (p < 1)):
+        raise ValueError("expected_step: p must lie in (0, 1)")
+    cfg = LossConfig.grpo(adv_norm=adv_norm, hadw=arm.anchor is not None, lambda_scale=arm.lambda_scale)
+    c = rectified_scale(G)[0]
+    kappa = np.zeros_like(p)
+    for R in range(1, G):  # degenerate groups (R = 0, G) carry no advantage in any arm
+        r = torch.tensor([1.0] * R + [0.0] * (G - R), dtype=torch.float64)
+        adv = hadw_advantages(r, G, anchor=anchor if arm.anchor else None, config=cfg, backend="torch")
+        scale = float(adv.group_std[0]) + cfg.std_eps if adv_norm == "group_std" else 1.0
+        if arm.baseline in ("group", "loo"):
+            loo = G / (G - 1) if arm.baseline == "loo" else 1.0
+            a_pos, a_neg = loo * float(adv.advantages[0]), loo * float(adv.advantages[-1])
+        else:
+            base = p if arm.baseline == "oracle" else c[R] * R / G
+            a_pos, a_neg = (1.0 - base) / scale, -base / scale
+        prob = math.comb(G, R) * p**R * (1.0 - p) ** (G - R)
+        kappa += prob * (R * a_pos / p - (G - R) * a_neg / (1.0 - p))
+    return kappa * arm.lr_mult
+
+
 # -- advantages -------------------------------------------------------------------------------------------------------
 class AdvantageEstimator:
     """The advantages of one arm for S seeds' batches; holds the seeds' anchors (state across steps).
@@ -143,6 +190,8 @@ class AdvantageEstimator:
         priors = torch.full((S,), float("nan"), dtype=torch.float64)
         if self.arm.baseline == "group":
             return adv.advantages, priors
+        if self.arm.baseline == "loo":  # r - (sum of the others) / (G - 1) = G / (G - 1) (r - p̂)
+            return adv.advantages * (self.group / (self.group - 1)), priors
         if self.arm.baseline == "oracle":
             baseline = true_p.reshape(-1)
         else:

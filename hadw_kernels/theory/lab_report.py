@@ -5,7 +5,9 @@ Files written by `write_outputs(result, out)`:
   curves and paired statistics vs GRPO, and the matched-step contrasts;
 - lab_table.md: the paired differences vs GRPO as markdown tables (points, 95% CI, Holm-adjusted tests);
 - lab_curves.png, lab_curves_hard.png: mean true accuracy over steps (all prompts / the initially hard third);
-- lab_forest.png, lab_forest_hard.png: the paired AUC differences vs GRPO with their 95% CIs, every arm and setting.
+- lab_forest.png, lab_forest_hard.png: the paired AUC differences vs GRPO with their 95% CIs, every arm and setting;
+- lab_step_multiplier.png: kappa(p) of each arm over GRPO's (`lab_arms.expected_step`): how an arm shares the
+  expected step between hard and easy prompts, for anchors 0.3 / 0.5 / 0.7 (theory, no runs).
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ import os
 
 import numpy as np
 
+from hadw_kernels.theory.lab_arms import Arm, expected_step
+
 CURVE_ARMS = ("grpo", "grpo_lr1.3", "grpo_lr2", "hadw_window_l1", "hadw_window_l1.3", "hadw_renorm", "oracle",
               "rectified")
 """The arms drawn in the learning-curve plots (all arms are in the JSON, the tables and the forest plots)."""
 SIGNIFICANCE = 0.05
+STEP_ARMS = (Arm("hadw λ=1", anchor="fixed"), Arm("hadw λ=1.3", anchor="fixed", lambda_scale=1.3),
+             Arm("loo", baseline="loo"), Arm("oracle", baseline="oracle"), Arm("rectified", baseline="rectified"))
+"""The arms of the kappa(p) plot and table (for a fixed anchor C, every anchor mode gives the same kappa)."""
+STEP_P = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98)
 
 
 def _clean(x):
@@ -109,13 +117,29 @@ def pilot_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def step_multiplier_table(G: int = 8, anchors: tuple[float, ...] = (0.3, 0.5), adv_norm: str = "group_std") -> str:
+    """kappa_arm(p) / kappa_GRPO(p) at the `STEP_P` success probabilities: > 1 = the arm's expected step on a prompt
+    of that difficulty is larger than GRPO's."""
+    p = np.asarray(STEP_P)
+    grpo = expected_step(Arm("grpo"), p, G, adv_norm=adv_norm)
+    cols = [(f"{a.name}, C = {c:g}", expected_step(a, p, G, anchor=c, adv_norm=adv_norm) / grpo)
+            for a in STEP_ARMS[:2] for c in anchors] + [(a.name, expected_step(a, p, G, adv_norm=adv_norm) / grpo)
+                                                         for a in STEP_ARMS[2:]]
+    lines = [f"kappa(p) / kappa_GRPO(p), G = {G}, adv_norm = {adv_norm} (GRPO's kappa in the last column)", "",
+             "| p | " + " | ".join(name for name, _ in cols) + " | GRPO kappa |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for i, pi in enumerate(p):
+        lines.append(f"| {pi:g} | " + " | ".join(f"{v[i]:.3f}" for _, v in cols) + f" | {grpo[i]:.3f} |")
+    return "\n".join(lines)
+
+
 def summary_text(result: dict) -> str:
     """What the CLI prints: the environment, the pilot's choices and the AUC / hard-third tables."""
     env = result["environment"]
     head = (f"lab: {len(result['settings'])} settings x {len(result['study']['arms'])} arms x "
             f"{result['study']['seeds']} seeds, {result['study']['steps']} steps; {env['seconds_total']:.0f} s wall "
-            f"({env['seconds_pilot']:.0f} s pilot) on {env['jobs']} processes; load average "
-            f"{env['load_average_start']} -> {env['load_average_end']}")
+            f"({env['seconds_pilot']:.0f} s pilot) on {env['jobs']} processes, {env['cpu_seconds']:.0f} CPU-s in the "
+            f"runs; load average {env['load_average_start']} -> {env['load_average_end']}")
     return "\n\n".join([head, pilot_table(result), markdown_tables(result, "auc"),
                         markdown_tables(result, "auc_hard"), contrast_tables(result, "auc")])
 
@@ -129,12 +153,14 @@ def write_outputs(result: dict, out: str) -> list[str]:
         json.dump(_clean(result), fh, indent=1, allow_nan=False)
     paths.append(path)
     path = os.path.join(out, "lab_table.md")
+    G = 8 if 8 in result["study"]["groups"] else result["study"]["groups"][0]
     with open(path, "w") as fh:
         fh.write("# Lab results: paired differences vs GRPO\n\n" + summary_text(result) + "\n\n"
                  + "\n\n".join(markdown_tables(result, m) for m in ("final", "final_hard", "auc_easy",
-                                                                      "steps_to_target")) + "\n")
+                                                                      "steps_to_target"))
+                 + "\n\n" + step_multiplier_table(G, adv_norm=result["study"]["adv_norm"]) + "\n")
     paths.append(path)
-    paths += plot_curves(result, out) + plot_forest(result, out)
+    paths += plot_curves(result, out) + plot_forest(result, out) + plot_step_multiplier(result, out)
     return paths
 
 
@@ -215,3 +241,30 @@ def plot_forest(result: dict, out: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_step_multiplier(result: dict, out: str) -> list[str]:
+    """kappa_arm(p) / kappa_GRPO(p) over p for `STEP_ARMS`, one panel per anchor C (0.3, 0.5, 0.7), at G = 8 (or the
+    study's first G) and the study's adv_norm."""
+    plt = _pyplot()
+    G = 8 if 8 in result["study"]["groups"] else result["study"]["groups"][0]
+    adv_norm = result["study"]["adv_norm"]
+    p = np.linspace(0.01, 0.99, 197)
+    grpo = expected_step(Arm("grpo"), p, G, adv_norm=adv_norm)
+    anchors = (0.3, 0.5, 0.7)
+    fig, axes = plt.subplots(1, len(anchors), figsize=(4.2 * len(anchors), 3.4), sharey=True)
+    for ax, c in zip(axes, anchors, strict=True):
+        for arm in STEP_ARMS:
+            ax.plot(p, expected_step(arm, p, G, anchor=c, adv_norm=adv_norm) / grpo, lw=1.2, label=arm.name)
+        ax.axhline(1.0, color="k", lw=0.6)
+        ax.axvline(c, color="grey", lw=0.6, ls=":")
+        ax.set_title(f"anchor C = {c:g}, G = {G} ({adv_norm})", fontsize=9)
+        ax.set_xlabel("success probability p of the prompt", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("expected step on the prompt / GRPO's", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "lab_step_multiplier.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
