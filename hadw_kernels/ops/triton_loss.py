@@ -94,8 +94,9 @@ def _blocks(N: int, T: int, G: int = 1) -> tuple[int, int, int]:
     GPU: tiles of 4 elements per thread and as few rows as T allows. Registers (ptxas of triton 3.7.1, sm_90a, as
     tests/test_triton_aot.py prints them for every launched variant): the forward at 1 x 1024 on 8 warps uses 43-80,
     and in its heaviest variants (KL + dual clip, per-token advantages + IS weights) ptxas spills 24-64 bytes rather
-    than use more (maxnreg=128 gives 100-107 registers and no spill, at half the occupancy); 4 x 128 and 8 x 64 use
-    up to 180, 16 x 16 on 2 warps 190; the backward 28-88, none spilled. The first guess (4 x 1024 on 8 warps, 16
+    than use more (maxnreg=128 gives 100-107 registers and no spill, at half the occupancy; triton 3.6.0 spills
+    16-44 bytes in other variants); 4 x 128 and 8 x 64 use up to 180, 16 x 16 on 2 warps 190; the backward 28-88,
+    none spilled. The first guess (4 x 1024 on 8 warps, 16
     elements per thread) used 242-255 registers and spilled. Register counts only: not yet timed on a GPU."""
     if interpreting():
         return 16, min(triton.next_power_of_2(T), 64), 1
