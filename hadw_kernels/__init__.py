@@ -16,6 +16,12 @@ Importing this package needs torch only: triton, scipy and the trainer's depende
 
 from hadw_kernels.anchor import DifficultyAnchor
 from hadw_kernels.config import LossConfig
+from hadw_kernels.from_hidden import (
+    HiddenLossOutput,
+    LinearLogprobs,
+    fused_linear_logprobs,
+    hadw_policy_loss_from_hidden,
+)
 from hadw_kernels.loss import (
     HADWLoss,
     hadw_advantages,
@@ -40,12 +46,16 @@ __all__ = [
     "Advantages",
     "DifficultyAnchor",
     "HADWLoss",
+    "HiddenLossOutput",
+    "LinearLogprobs",
     "LossConfig",
     "LossOutput",
+    "fused_linear_logprobs",
     "hadw_advantages",
     "hadw_loss",
     "hadw_loss_reference",
     "hadw_policy_loss",
+    "hadw_policy_loss_from_hidden",
     "loss_normalizer",
     "truncated_is_weights",
 ]
