@@ -7,7 +7,8 @@ Providers (each returns the 0-d loss of one call; `Provider.available` says why 
 - `naive_compiled`: `torch.compile(naive)`, what a user gets by compiling that code (a yardstick for `compiled`).
 - `reference`: `hadw_loss(..., backend="torch")`, the package's eager reference (it computes every metric and the
   finiteness checks on top of the loss, so it does more than `naive`).
-- `compiled`: `hadw_loss(..., backend="compiled")`, torch.compile of the reference (the default CPU path).
+- `compiled`: `hadw_loss(..., backend="compiled")`, torch.compile of the reference (the CPU fallback of "auto").
+- `native`: `hadw_loss(..., backend="native")`, the fused C++ CPU kernel (the default CPU path where it is built).
 - `triton`: `hadw_loss(..., backend="triton")`, the fused kernel (CUDA only; the interpreter is not timed).
 - `liger`: Liger-Kernel's `triton_grpo_loss` (CUDA, where `liger_kernel` installs). It reads logits [N, T+1, V] and
   does a log-softmax over V, takes precomputed advantages (no group statistics, no HA-DW) and returns a per-token
@@ -35,7 +36,7 @@ from bench.harness import DTYPES, MODES, Provider, always
 from hadw_kernels import LossConfig, hadw_loss
 
 NAME = "hadw_loss"
-PROVIDERS = ("naive", "naive_compiled", "reference", "compiled", "triton", "liger")
+PROVIDERS = ("naive", "naive_compiled", "reference", "compiled", "native", "triton", "liger")
 BASELINES = ("naive", "reference", "compiled")
 MASKS = {"bool": torch.bool, "float": torch.float32}
 # ~1M tokens on CPU (the size for the naive comparison: ~20-30 ms per eager fwd+bwd on 2 cores), 16.8M on
@@ -170,6 +171,14 @@ def _triton_available(device: torch.device) -> str | None:
     return None
 
 
+def _native_available(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "CPU only"
+    from hadw_kernels.ops import cpu_loss
+
+    return cpu_loss.unavailable_reason()
+
+
 def _liger_available(device: torch.device) -> str | None:
     if device.type != "cuda":
         return "CUDA only"
@@ -247,6 +256,7 @@ def providers() -> dict[str, Provider]:
         "naive_compiled": Provider("naive_compiled", _naive_compiled, always, compiles=True),
         "reference": Provider("reference", _library("torch"), always),
         "compiled": Provider("compiled", _library("compiled"), always, compiles=True),
+        "native": Provider("native", _library("native"), _native_available),
         "triton": Provider("triton", _library("triton"), _triton_available, compiles=True),
         "liger": Provider("liger", _liger, _liger_available, compiles=True),
     }

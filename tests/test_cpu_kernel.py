@@ -402,7 +402,7 @@ def test_no_grad_forward_writes_no_gradient():
         (loss, _, _, metrics), _ = cpu_loss.loss_terms_with_checks(batch["logprobs"], *args)
         outs = cpu_loss.native_loss(batch["logprobs"], batch["old_logprobs"], batch["rewards"], batch["mask"], None,
                                     ANCHOR, None, 4, cpu_loss.config_to_json(cfg), False)
-    assert outs[-2].shape == (0,) and not loss.requires_grad
+    assert outs[-3].shape == (0,) and outs[-2].shape == (0,) and not loss.requires_grad
     (loss2, *_), _ = cpu_loss.loss_terms_with_checks(batch["logprobs"], *args)
     assert torch.equal(loss, loss2.detach())
 

@@ -87,9 +87,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"the native CPU kernel at {found[0]} is stale (ABI {version}, expected {ABI_VERSION})"
     view, i64, i32, f32, fptr = ctypes.POINTER(_View), ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
     lib.hadw_cpu_policy_loss.argtypes = [i64, i64, view, view, view, view, view, view, ctypes.POINTER(_LossCfg),
-                                         fptr, fptr, fptr, fptr, fptr, fptr, i32]
+                                         fptr, fptr, fptr, fptr, fptr, fptr, fptr, i32]
     lib.hadw_cpu_advantages.argtypes = [i64, i64, view, ctypes.POINTER(_AdvCfg), fptr, fptr, fptr]
-    lib.hadw_cpu_scale_grad.argtypes = [i64, fptr, f32, fptr, i32, i32]
+    lib.hadw_cpu_scale_grad.argtypes = [i64, i64, fptr, fptr, f32, fptr, i32, i32]
     lib.hadw_cpu_set_tuning.argtypes = [i64, i64]
     lib.hadw_cpu_set_tuning.restype = None
     lib.hadw_cpu_isa.restype = ctypes.c_char_p
@@ -171,20 +171,29 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, cfg: _LossCfg,
+def _saved_shapes(N: int, T: int, config: LossConfig, need_grad: bool) -> tuple[tuple, tuple]:
+    """Shapes of what the forward keeps for the backward: the numerator's gradient [N, T] and the row weights [N]
+    (seq-mean-token-mean only); [0] where not needed."""
+    row_mean = need_grad and config.loss_agg == "seq-mean-token-mean"
+    return ((N, T) if need_grad else (0,)), ((N,) if row_mean else (0,))
+
+
+def _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, config, cfg: _LossCfg,
             need_grad: bool, metrics: torch.Tensor, kl_metrics: torch.Tensor | None):
-    """Runs the core's policy loss; returns (loss, nonfinite [5], grad_num [N, T] or [0], denom)."""
+    """Runs the core's policy loss; returns (loss, nonfinite [5], grad_num [N, T] or [0], row_w [N] or [0], denom)."""
     N, T = logprobs.shape
     f32 = dict(dtype=torch.float32)
     loss, denom = torch.empty((), **f32), torch.empty((), **f32)
     nonfinite = torch.empty(len(_NONFINITE), dtype=torch.int64)
-    grad = torch.empty((N, T) if need_grad else (0,), **f32)
+    grad_shape, row_w_shape = _saved_shapes(N, T, config, need_grad)
+    grad, row_w = torch.empty(grad_shape, **f32), torch.empty(row_w_shape, **f32)
     rc = lib.hadw_cpu_policy_loss(
         N, T, _view(logprobs), _view(old_logprobs), _view(ref_logprobs), _view(mask), _view(advantages),
-        _view(rollout_is_weights), cfg, _ptr(grad) if need_grad else None, _ptr(loss), _ptr(denom), _ptr(metrics),
+        _view(rollout_is_weights), cfg, _ptr(grad) if grad.numel() else None,
+        _ptr(row_w) if row_w.numel() else None, _ptr(loss), _ptr(denom), _ptr(metrics),
         _ptr(kl_metrics) if kl_metrics is not None else None, _ptr(nonfinite), torch.get_num_threads())
     _check(rc, "policy loss")
-    return loss, nonfinite, grad, denom
+    return loss, nonfinite, grad, row_w, denom
 
 
 # -- the custom ops -----------------------------------------------------------------------------------------------
@@ -199,20 +208,21 @@ def native_policy_loss(
     normalizer: torch.Tensor | None,
     config_json: str,
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy loss on precomputed advantages ([N] or [N, T]): (loss, metrics [9 or 11] in
-    `metric_names(advantages=False, kl=...)` order, nonfinite [5] int64 (core order), grad_num [N, T] fp32 (or [0]
-    without need_grad) and denom, both saved for backward). Differentiable w.r.t. logprobs only."""
+    `metric_names(advantages=False, kl=...)` order, nonfinite [5] int64 (`_NONFINITE` order), and what the backward
+    reads: grad_num [N, T] fp32, row_w [N] fp32 (seq-mean-token-mean; else [0]) and denom; grad_num and row_w are
+    [0] without need_grad). Differentiable w.r.t. logprobs only."""
     lib = _lib()
     config = config_from_json(config_json)
     has_ref = ref_logprobs is not None
     metrics = torch.empty(len(metric_names(advantages=False, kl=has_ref)), dtype=torch.float32)
     cfg = _loss_cfg(config, has_ref=has_ref, adv_per_row=advantages.dim() == 1, normalizer=normalizer,
                     T=logprobs.shape[1])
-    loss, nonfinite, grad, denom = _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs,
-                                           rollout_is_weights, cfg, need_grad, metrics,
-                                           metrics[-2:] if has_ref else None)
-    return loss, metrics, nonfinite, grad, denom
+    loss, nonfinite, grad, row_w, denom = _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs,
+                                                  rollout_is_weights, config, cfg, need_grad, metrics,
+                                                  metrics[-2:] if has_ref else None)
+    return loss, metrics, nonfinite, grad, row_w, denom
 
 
 @native_policy_loss.register_fake
@@ -221,9 +231,11 @@ def _(logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights
     N, T = logprobs.shape
     f32 = dict(dtype=torch.float32, device=logprobs.device)
     n_metrics = len(metric_names(advantages=False, kl=ref_logprobs is not None))
+    grad_shape, row_w_shape = _saved_shapes(N, T, config_from_json(config_json), need_grad)
     return (logprobs.new_empty((), **f32), logprobs.new_empty((n_metrics,), **f32),
             logprobs.new_empty((len(_NONFINITE),), dtype=torch.int64, device=logprobs.device),
-            logprobs.new_empty((N, T) if need_grad else (0,), **f32), logprobs.new_empty((), **f32))
+            logprobs.new_empty(grad_shape, **f32), logprobs.new_empty(row_w_shape, **f32),
+            logprobs.new_empty((), **f32))
 
 
 @torch.library.custom_op("hadw_kernels::native_loss", mutates_args=())
@@ -238,10 +250,11 @@ def native_loss(
     group_size: int,
     config_json: str,
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     """The fused whole batch: advantages of contiguous groups of `group_size` rows, then the policy loss. Returns
     (loss, metrics [14 or 16] in `metric_names(advantages=True, kl=...)` order, nonfinite [5] int64, advantages [N],
-    phi [N], grad_num [N, T] fp32 (or [0]), denom). Differentiable w.r.t. logprobs only."""
+    phi [N], grad_num, row_w, denom (as `native_policy_loss`)). Differentiable w.r.t. logprobs only."""
     lib = _lib()
     config = config_from_json(config_json)
     N, T = logprobs.shape
@@ -254,9 +267,9 @@ def native_loss(
                                  _ptr(phi), _ptr(metrics[first_adv:]))
     _check(rc, "advantages")
     cfg = _loss_cfg(config, has_ref=has_ref, adv_per_row=True, normalizer=normalizer, T=T)
-    loss, nonfinite, grad, denom = _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs, None, cfg,
-                                           need_grad, metrics, metrics[-2:] if has_ref else None)
-    return loss, metrics, nonfinite, advantages, phi, grad, denom
+    loss, nonfinite, grad, row_w, denom = _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs, None,
+                                                  config, cfg, need_grad, metrics, metrics[-2:] if has_ref else None)
+    return loss, metrics, nonfinite, advantages, phi, grad, row_w, denom
 
 
 @native_loss.register_fake
@@ -264,40 +277,46 @@ def _(logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normalizer, g
     N, T = logprobs.shape
     f32 = dict(dtype=torch.float32, device=logprobs.device)
     n_metrics = len(metric_names(advantages=True, kl=ref_logprobs is not None))
+    grad_shape, row_w_shape = _saved_shapes(N, T, config_from_json(config_json), need_grad)
     return (logprobs.new_empty((), **f32), logprobs.new_empty((n_metrics,), **f32),
             logprobs.new_empty((len(_NONFINITE),), dtype=torch.int64, device=logprobs.device),
             logprobs.new_empty((N,), **f32), logprobs.new_empty((N,), **f32),
-            logprobs.new_empty((N, T) if need_grad else (0,), **f32), logprobs.new_empty((), **f32))
+            logprobs.new_empty(grad_shape, **f32), logprobs.new_empty(row_w_shape, **f32),
+            logprobs.new_empty((), **f32))
 
 
 @torch.library.custom_op("hadw_kernels::native_loss_backward", mutates_args=())
-def native_loss_backward(grad_loss: torch.Tensor, grad_num: torch.Tensor, denom: torch.Tensor,
+def native_loss_backward(grad_loss: torch.Tensor, grad_num: torch.Tensor, row_w: torch.Tensor, denom: torch.Tensor,
                          dtype: torch.dtype) -> torch.Tensor:
-    """dL/dlogprobs [N, T] in `dtype`: grad_num [N, T] * (grad_loss / denom), rounded once."""
+    """dL/dlogprobs [N, T] in `dtype`: grad_num[i, t] * row_w[i] (when given) * grad_loss / denom, rounded once."""
     if grad_num.dim() != 2:
         raise RuntimeError("hadw_kernels native loss: backward through a forward run without need_grad")
-    out = torch.empty(grad_num.shape, dtype=dtype)
+    N, T = grad_num.shape
+    out = torch.empty((N, T), dtype=dtype)
     scale = float(grad_loss) / float(denom)
-    rc = _lib().hadw_cpu_scale_grad(grad_num.numel(), _ptr(grad_num), scale, _ptr(out), _DTYPES[dtype],
-                                    torch.get_num_threads())
+    rc = _lib().hadw_cpu_scale_grad(N, T, _ptr(grad_num), _ptr(row_w) if row_w.numel() else None, scale, _ptr(out),
+                                    _DTYPES[dtype], torch.get_num_threads())
     _check(rc, "backward")
     return out
 
 
 @native_loss_backward.register_fake
-def _(grad_loss, grad_num, denom, dtype):
+def _(grad_loss, grad_num, row_w, denom, dtype):
     return torch.empty(grad_num.shape, dtype=dtype, device=grad_num.device)
 
 
 def _setup_context(ctx, inputs, output):
-    grad_num, denom = output[-2], output[-1]
-    ctx.save_for_backward(grad_num, denom)
+    ctx.save_for_backward(*output[-3:])  # grad_num, row_w, denom
     ctx.dtype = inputs[0].dtype
+    # Only the loss is differentiable; without this, autograd would zero-fill a [N, T] gradient for grad_num on
+    # every backward (measured: more time than the kernel's own backward).
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused_output_grads):
-    grad_num, denom = ctx.saved_tensors
-    grad = native_loss_backward(grad_loss, grad_num, denom, ctx.dtype) if ctx.needs_input_grad[0] else None
+    grad_num, row_w, denom = ctx.saved_tensors
+    grad = native_loss_backward(grad_loss, grad_num, row_w, denom, ctx.dtype) if ctx.needs_input_grad[0] else None
     return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
@@ -315,7 +334,7 @@ def loss_terms_with_checks(logprobs, old_logprobs, rewards, mask, group_size, an
     """Same contract as `hadw_kernels.loss._loss_and_checks`: ((loss, advantages [N], phi [N], metrics), suspects
     [3]); here the suspects are the exact NaN/Inf counts at valid positions of logprobs, old_logprobs and
     ref_logprobs. anchor / normalizer: None or 0-d float64 tensors. Not for float64 inputs."""
-    loss, metrics, nonfinite, advantages, phi, _, _ = native_loss(
+    loss, metrics, nonfinite, advantages, phi, _, _, _ = native_loss(
         logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normalizer, group_size, config_to_json(config),
         _need_grad(logprobs))
     names = metric_names(advantages=True, kl=ref_logprobs is not None)
@@ -328,7 +347,7 @@ def policy_loss_terms_with_checks(logprobs, old_logprobs, advantages, mask, conf
     """Same contract as `hadw_kernels.loss._policy_and_checks`: ((loss, metrics), suspects [5] for logprobs,
     old_logprobs, ref_logprobs, advantages, rollout_is_weights: exact NaN/Inf counts at valid positions, per row
     for [N] advantages). Not for float64 inputs."""
-    loss, metrics, nonfinite, _, _ = native_policy_loss(
+    loss, metrics, nonfinite, _, _, _ = native_policy_loss(
         logprobs, old_logprobs, advantages.detach(), mask, ref_logprobs, rollout_is_weights, normalizer,
         config_to_json(config), _need_grad(logprobs))
     names = metric_names(advantages=False, kl=ref_logprobs is not None)
