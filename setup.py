@@ -24,7 +24,7 @@ native = Extension(
     sources=["hadw_kernels/csrc/hadw_cpu.cpp"],
     depends=["hadw_kernels/csrc/hadw_cpu.h"],
     language="c++",
-    extra_compile_args=["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-fvisibility=hidden"] if unix
+    extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-fvisibility=hidden"] if unix
     else ["/O2", "/std:c++17"],
     extra_link_args=["-pthread"] if unix else [],
     optional=True,

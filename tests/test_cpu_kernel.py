@@ -407,6 +407,16 @@ def test_no_grad_forward_writes_no_gradient():
     assert torch.equal(loss, loss2.detach())
 
 
+def test_backward_twice_through_a_retained_graph():
+    batch = batch_for(2, 4, 9, seed=28)
+    lp = batch["logprobs"]
+    out = hadw_loss(lp, batch["old_logprobs"], batch["rewards"], batch["mask"], 4, anchor=0.5, backend="native")
+    out.loss.backward(retain_graph=True)
+    first = lp.grad.clone()
+    out.loss.backward()
+    assert torch.equal(lp.grad, 2 * first) and first.abs().sum() > 0
+
+
 # -- the custom ops ---------------------------------------------------------------------------------------------------
 def test_opcheck():
     """torch.library's own checks of the schemas, the fake implementations and the autograd registrations."""

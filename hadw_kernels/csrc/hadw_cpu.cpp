@@ -833,7 +833,7 @@ const Isa &isa() {
 // Measured on 2 shared cores (bench/RESULTS.md): a second thread pays from ~2^17 tokens; below that the call
 // runs serially (and a small batch can never wait on a descheduled thread).
 std::atomic<int64_t> g_chunk_tokens{16384};
-std::atomic<int64_t> g_min_tokens_per_thread{131072};
+std::atomic<int64_t> g_min_tokens_per_thread{262144};
 
 struct Pool {  // shared with the helper threads; lives until the last of them lets go
     std::atomic<int64_t> next{0};
@@ -1081,7 +1081,7 @@ HADW_EXPORT int hadw_cpu_scale_grad(int64_t N, int64_t T, const float *src, cons
 
 HADW_EXPORT void hadw_cpu_set_tuning(int64_t chunk_tokens, int64_t min_tokens_per_thread) {
     g_chunk_tokens.store(chunk_tokens > 0 ? chunk_tokens : 16384);
-    g_min_tokens_per_thread.store(min_tokens_per_thread > 0 ? min_tokens_per_thread : 131072);
+    g_min_tokens_per_thread.store(min_tokens_per_thread > 0 ? min_tokens_per_thread : 262144);
 }
 
 HADW_EXPORT const char *hadw_cpu_isa(void) { return isa().name; }
