@@ -32,7 +32,6 @@ interpreter) and "auto" (Triton for CUDA tensors when triton imports, else torch
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -54,9 +53,11 @@ from hadw_kernels.validation import (
 )
 
 LOGPROB_BACKENDS = ("auto", "torch", "triton")
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
-"""Bytes of chunk temporaries (logits and their gradient) per call. 256 MiB holds a chunk of ~220 tokens over a
-151,936-token vocabulary in fp32 on the torch path."""
+DEFAULT_MEMORY_BUDGET = {"cpu": 256 * 2**20, "cuda": 2**30}
+"""Bytes of chunk temporaries (a chunk's logits and their gradient) per call, by device type (others: the CPU's).
+On the torch path one fp32 logit costs 4 bytes, so 256 MiB is a chunk of ~440 tokens over a 151,936-token
+vocabulary; on a GPU 1 GiB is ~1,180 tokens in the one-pass bf16 layout (6 bytes a logit), wide enough for cuBLAS.
+Either is well under the 9.7 GB of fp32 logits of 16k tokens."""
 MIN_CHUNK_TOKENS = 64
 """Below this many tokens per chunk the vocabulary is split instead (the matmuls of a thinner chunk re-read the whole
 LM head for too little work)."""
@@ -233,9 +234,8 @@ def _add_onehot(dz, y_local, values):
                   accumulate=True)
 
 
-@functools.cache
 def _triton_ops_module():
-    from hadw_kernels.ops import triton_linear_logprobs
+    from hadw_kernels.ops import triton_linear_logprobs  # imports triton: only on the Triton path
 
     return triton_linear_logprobs
 
@@ -529,9 +529,9 @@ def _check_ids(targets: torch.Tensor, vocab: int) -> None:
                          f"e.g. {first}")
 
 
-def _check_budget(memory_budget) -> int:
+def _check_budget(memory_budget, device: torch.device) -> int:
     if memory_budget is None:
-        return DEFAULT_MEMORY_BUDGET
+        return DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cpu"])
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive int (bytes) or None, got {memory_budget!r}")
     return memory_budget
@@ -590,7 +590,7 @@ def fused_linear_logprobs(
     """
     inv_t = _check_head(hidden, weight, target_ids, bias, temperature)
     check_backend(backend, LOGPROB_BACKENDS)
-    budget = _check_budget(memory_budget)
+    budget = _check_budget(memory_budget, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids = target_ids.reshape(-1)
     if mask is None:
@@ -793,7 +793,7 @@ def hadw_policy_loss_from_hidden(
     config = check_config(config)
     check_backend(backend, LOGPROB_BACKENDS)
     check_backend(loss_backend)
-    budget = _check_budget(memory_budget)
+    budget = _check_budget(memory_budget, hidden.device)
     valid = _valid_mask(mask, target_ids.shape)
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids = target_ids.reshape(-1)
