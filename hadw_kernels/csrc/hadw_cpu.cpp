@@ -32,13 +32,16 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) || defined(__clang__)
 #define HADW_INLINE inline __attribute__((always_inline))
+#define HADW_LAMBDA_INLINE __attribute__((always_inline))
 #define HADW_EXPORT extern "C" __attribute__((visibility("default")))
 #else
 #define HADW_INLINE inline
+#define HADW_LAMBDA_INLINE
 #define HADW_EXPORT extern "C"
 #endif
 
@@ -172,6 +175,10 @@ struct Vec {
         std::memcpy(buf, p, sizeof(float) * n);
         return load(buf);
     }
+    static HADW_INLINE F ld(const float *p, std::integral_constant<int, W>) { return load(p); }
+    static HADW_INLINE F ld(const float *p, int n) { return load_n(p, n); }
+    static HADW_INLINE void st(float *p, F v, std::integral_constant<int, W>) { std::memcpy(p, &v, sizeof v); }
+    static HADW_INLINE void st(float *p, F v, int n) { store_n(p, v, n); }
     static HADW_INLINE void store_n(float *p, F v, int n) {
         if (n == W) {
             std::memcpy(p, &v, sizeof v);
@@ -183,15 +190,13 @@ struct Vec {
     }
     static HADW_INLINE F sel(I m, F a, F b) { return (F)(((I)a & m) | ((I)b & ~m)); }  // m ? a : b per lane
     static HADW_INLINE I sel_i(I m, I a, I b) { return (a & m) | (b & ~m); }
-    static HADW_INLINE F min(F x, float c) { return sel(x > c, splat(c), x); }  // NaN stays NaN
-    static HADW_INLINE F max(F x, float c) { return sel(x < c, splat(c), x); }
     static HADW_INLINE F keep(I m, F a) { return (F)((I)a & m); }                     // m ? a : 0
     static HADW_INLINE F one_if(I m) { return keep(m, splat(1.0f)); }
     static HADW_INLINE F abs(F x) { return (F)((I)x & 0x7fffffff); }
     static HADW_INLINE I finite(F x) { return abs(x) <= FLT_MAX; }  // false for NaN and +-Inf
-    static HADW_INLINE F clamp(F x, float c) {                      // to [-c, c]; NaN stays NaN
-        x = sel(x < -c, splat(-c), x);
-        return sel(x > c, splat(c), x);
+    static HADW_INLINE F clamp(F x, F lo, F hi) {  // to [lo, hi]; NaN stays NaN
+        x = sel(x < lo, lo, x);
+        return sel(x > hi, hi, x);
     }
     // exp for |x| <= 86 (or NaN): Cephes' expf polynomial; 2^n added to the exponent bits. ~1 ulp.
     static HADW_INLINE F exp_in_range(F x) {
@@ -382,24 +387,33 @@ struct Rows {  // one row's inputs as fp32 (pointers into the tensors or into th
     float *g;
 };
 
-// The validity mask, the advantage and the (truncated) importance weight of the W tokens at t; lanes past T are
-// invalid (n < W: the last block of a row).
+// The blocks of W tokens of a row: body(t, n) with n = Full<W> (a compile-time W: plain vector loads and stores) for
+// every whole block, then once with the run-time n < W for the rest. The loop body thus has no tail branches (gcc
+// kept the accumulators in memory and re-broadcast constants in every iteration when it had them).
 template <int W>
+using Full = std::integral_constant<int, W>;
+
+template <int W, typename Body>
+HADW_INLINE void for_blocks(int64_t T, Body &&body) {
+    int64_t t = 0;
+    for (; t + W <= T; t += W) body(t, Full<W>());
+    if (t < T) body(t, static_cast<int>(T - t));
+}
+
+// The validity mask, the advantage and the (truncated) importance weight of the W tokens at t.
+template <int W, typename N>
 struct Lanes {
     using V = Vec<W>;
     typename V::I v;
     typename V::F a, w;
-    HADW_INLINE Lanes(const Ctx &c, const Rows &r, int64_t t, int n) {
-        const bool full = n == W;
-        v = (full ? V::load(r.m + t) : V::load_n(r.m + t, n)) != 0.0f;
-        a = V::keep(v, r.adv ? (full ? V::load(r.adv + t) : V::load_n(r.adv + t, n)) : V::splat(r.a_row));
+    HADW_INLINE Lanes(const Ctx &c, const Rows &r, int64_t t, N n, typename V::F a_row, typename V::F thr) {
+        v = V::ld(r.m + t, n) != 0.0f;
+        a = r.adv ? V::ld(r.adv + t, n) : a_row;
         if (r.isw) {
-            const typename V::F wz = V::keep(v, full ? V::load(r.isw + t) : V::load_n(r.isw + t, n));
-            w = V::sel(wz > c.is_thr, V::splat(c.is_thr), wz);  // clamp(max=threshold); +Inf without truncation
+            const typename V::F wz = V::keep(v, V::ld(r.isw + t, n));
+            w = V::sel(wz > thr, thr, wz);  // clamp(max=threshold); +Inf without truncation
         }
-    }
-    HADW_INLINE typename V::F in(const float *p, int64_t t, int n) const {  // an input, 0 where invalid
-        return V::keep(v, n == W ? V::load(p + t) : V::load_n(p + t, n));
+        (void)c;
     }
 };
 
@@ -412,15 +426,14 @@ template <int W>
 struct Surrogate {
     using V = Vec<W>;
     typename V::F pg, dpg;
-    typename V::I neg, low, high, dual;
-    HADW_INLINE Surrogate(const Ctx &c, typename V::F r, typename V::F a) {
+    typename V::I low, high, dual;
+    HADW_INLINE Surrogate(const Ctx &c, typename V::F r, typename V::F a, typename V::F lo, typename V::F hi) {
         const typename V::F na = -a;
-        neg = a < 0.0f;
-        low = r < c.lo;
-        high = r > c.hi;
-        pg = na * V::sel(neg, V::max(r, c.lo), V::min(r, c.hi));
-        const typename V::I unclipped = V::sel_i(neg, ~low, ~high);
-        dpg = V::keep(unclipped, na * r);
+        const typename V::I neg = a < 0.0f;
+        low = r < lo;
+        high = r > hi;
+        pg = na * V::sel(neg, V::sel(low, lo, r), V::sel(high, hi, r));
+        dpg = V::keep(V::sel_i(neg, ~low, ~high), na * r);  // the unclipped arm's gradient where it is active
         if (c.dual) {
             const typename V::F pd = na * c.clip_c;
             dual = neg & (pg > pd);
@@ -447,23 +460,18 @@ HADW_INLINE void kl_term(typename Vec<W>::F lpz, typename Vec<W>::F refz, float 
         kl = 0.5f * delta * delta;
         dkl = -delta;
     } else {
-        const typename V::F dc = V::clamp(delta, clamp);
+        const typename V::F dc = V::clamp(delta, V::splat(-clamp), V::splat(clamp));
         const typename V::F e = V::exp(dc);
         kl = e - dc - 1.0f;
         dkl = V::keep(V::abs(delta) <= clamp, 1.0f - e);
     }
 }
 
-// exp(clamp(lr)) (and exp(-clamp(lr))): the in-range polynomial where the clamp keeps it in range (always, but
-// for clamps above 86).
+// exp(clamp(lr)) and exp(-clamp(lr)): the in-range polynomial where the clamp keeps it in range (always, but for
+// clamps above 86).
 template <int W>
-HADW_INLINE typename Vec<W>::F exp_clamped(typename Vec<W>::F clr, float clamp) {
-    return clamp <= 86.0f ? Vec<W>::exp_in_range(clr) : Vec<W>::exp(clr);
-}
-
-template <int W>
-HADW_INLINE void exp_pair(typename Vec<W>::F clr, float clamp, typename Vec<W>::F &ep, typename Vec<W>::F &em) {
-    if (clamp <= 86.0f) {
+HADW_INLINE void exp_pair(typename Vec<W>::F clr, bool in_range, typename Vec<W>::F &ep, typename Vec<W>::F &em) {
+    if (in_range) {
         Vec<W>::exp_pair_in_range(clr, ep, em);
     } else {
         ep = Vec<W>::exp(clr);
@@ -471,9 +479,9 @@ HADW_INLINE void exp_pair(typename Vec<W>::F clr, float clamp, typename Vec<W>::
     }
 }
 
-// Token ratio, the common case (an advantage per row, no KL, dual clip or importance weights): the row's sign
-// decides the clip arm once, for the whole row (NEG: A < 0). Padding lanes compute garbage that every sum and the
-// gradient mask out (the inputs are not zeroed first: 2 fewer operations per 8 tokens).
+// Token ratio, the common case (an advantage per row, no KL, dual clip or importance weights, a log-ratio clamp
+// <= 86): the row's sign decides the clip arm once for the whole row (NEG: A < 0). Padding lanes compute garbage
+// that every sum and the gradient mask out (the inputs are not zeroed first: 2 fewer operations per block).
 template <int W, bool NEG>
 HADW_INLINE void token_row_signed(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
     using V = Vec<W>;
@@ -481,29 +489,26 @@ HADW_INLINE void token_row_signed(const Ctx &c, int64_t T, const Rows &r, RowSum
     using I = typename V::I;
     I ntok{}, clipped{}, suspect{};
     F pg_s{}, akl_s{};
-    const float clamp = c.clamp, lo = c.lo, hi = c.hi, na = -r.a_row;
-    const I count_high = V::splat_i(!NEG && r.a_row > 0.0f ? -1 : 0);
-    for (int64_t t = 0; t < T; t += W) {
-        const int n = T - t < W ? static_cast<int>(T - t) : W;
-        const bool full = n == W;
-        const I v = (full ? V::load(r.m + t) : V::load_n(r.m + t, n)) != 0.0f;
-        const F lr = (full ? V::load(r.lp + t) : V::load_n(r.lp + t, n)) -
-                     (full ? V::load(r.old + t) : V::load_n(r.old + t, n));
+    const F clamp = V::splat(c.clamp), nclamp = V::splat(-c.clamp), bound = V::splat(NEG ? c.lo : c.hi);
+    const F na = V::splat(-r.a_row), big = V::splat(FLT_MAX);
+    const I count = V::splat_i(NEG || r.a_row > 0.0f ? -1 : 0);  // clipfrac_high counts A > 0 only
+    for_blocks<W>(T, [&](int64_t t, auto n) HADW_LAMBDA_INLINE {
+        const I v = V::ld(r.m + t, n) != 0.0f;
+        const F lr = V::ld(r.lp + t, n) - V::ld(r.old + t, n);
         const F alr = V::abs(lr);
-        suspect -= v & ~(alr <= FLT_MAX);
+        suspect -= v & ~(alr <= big);
         ntok -= v;
-        const F clr = V::clamp(lr, clamp);
+        const F clr = V::clamp(lr, nclamp, clamp);
         F ratio, inv;
-        exp_pair<W>(clr, clamp, ratio, inv);
+        V::exp_pair_in_range(clr, ratio, inv);
         akl_s += V::keep(v, inv + clr - 1.0f);  // k3(old || new), exp(-clamp(lr)) = exp(clamp(-lr))
         // -min(r A, clip(r) A): A < 0 -> -A max(r, lo), the clipped arm active below lo; A >= 0 -> -A min(r, hi)
-        const I out = NEG ? ratio < lo : ratio > hi;
-        const F arm = V::sel(out, V::splat(NEG ? lo : hi), ratio);
-        pg_s += V::keep(v, na * arm);
-        clipped -= v & out & (NEG ? V::splat_i(-1) : count_high);
+        const I out = NEG ? ratio < bound : ratio > bound;
+        pg_s += V::keep(v, na * V::sel(out, bound, ratio));
+        clipped -= v & out & count;
         const I active = v & ~out & (alr <= clamp);  // the unclipped arm, inside the log-ratio clamp
-        V::store_n(r.g + t, V::keep(active, na * ratio), n);
-    }
+        V::st(r.g + t, V::keep(active, na * ratio), n);
+    });
     s.ntok = V::sum(ntok); s.pg = V::sum(pg_s); s.akl = V::sum(akl_s); s.suspect = V::sum(suspect);
     (NEG ? s.low : s.high) = V::sum(clipped);
 }
@@ -513,7 +518,7 @@ HADW_INLINE void token_row_signed(const Ctx &c, int64_t T, const Rows &r, RowSum
 // recounted exactly, per tensor, by exact_nonfinite (rare: hadw_loss raises on them).
 template <int W, int KL>
 HADW_INLINE void token_row(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
-    if (KL == 0 && !r.adv && !r.isw && !c.dual) {
+    if (KL == 0 && !r.adv && !r.isw && !c.dual && c.clamp <= 86.0f) {
         if (r.a_row < 0.0f)
             token_row_signed<W, true>(c, T, r, s);
         else
@@ -525,22 +530,24 @@ HADW_INLINE void token_row(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
     using I = typename V::I;
     I ntok{}, low{}, high{}, dual{}, suspect{};
     F pg_s{}, kl_s{}, akl_s{};
-    const float clamp = c.clamp, kc = c.kl_coef;
-    for (int64_t t = 0; t < T; t += W) {
-        const int n = T - t < W ? static_cast<int>(T - t) : W;
-        const Lanes<W> L(c, r, t, n);
+    const float kc = c.kl_coef;
+    const bool in_range = c.clamp <= 86.0f;
+    const F clamp = V::splat(c.clamp), nclamp = V::splat(-c.clamp), lo = V::splat(c.lo), hi = V::splat(c.hi);
+    const F a_row = V::splat(r.a_row), thr = V::splat(c.is_thr), big = V::splat(FLT_MAX);
+    for_blocks<W>(T, [&](int64_t t, auto n) HADW_LAMBDA_INLINE {
+        const Lanes<W, decltype(n)> L(c, r, t, n, a_row, thr);
         const I v = L.v;
-        // padding may hold NaN / -inf: zeroed (by Lanes::in) before any arithmetic
-        const F lpz = L.in(r.lp, t, n);
-        const F lr = lpz - L.in(r.old, t, n);
+        // padding may hold NaN / -inf: zeroed before any arithmetic
+        const F lpz = V::keep(v, V::ld(r.lp + t, n));
+        const F lr = lpz - V::keep(v, V::ld(r.old + t, n));
         const F alr = V::abs(lr);
-        I bad = ~(alr <= FLT_MAX);
+        I bad = ~(alr <= big);
         ntok -= v;
-        const F clr = V::clamp(lr, clamp);
+        const F clr = V::clamp(lr, nclamp, clamp);
         F ratio, inv;
-        exp_pair<W>(clr, clamp, ratio, inv);
+        exp_pair<W>(clr, in_range, ratio, inv);
         akl_s += V::keep(v, inv + clr - 1.0f);  // k3(old || new), exp(-clamp(lr)) = exp(clamp(-lr))
-        const Surrogate<W> su(c, ratio, L.a);
+        const Surrogate<W> su(c, ratio, V::keep(v, L.a), lo, hi);
         dual -= v & su.dual;
         low -= v & su.low;
         high -= v & su.high;
@@ -548,17 +555,17 @@ HADW_INLINE void token_row(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
         if (r.isw) {
             pg = pg * L.w;
             dpg = dpg * L.w;
-            bad |= ~V::finite(L.w);
+            bad |= ~(V::abs(L.w) <= big);
         }
-        if (r.adv) bad |= ~V::finite(L.a);
+        if (r.adv) bad |= ~(V::abs(L.a) <= big);
         pg_s += V::keep(v, pg);
         const I gate = alr <= clamp;  // the log-ratio clamp passes the gradient inside [-c, c]
         F gr = V::keep(gate, dpg);
         if (KL) {
-            const F rz = L.in(r.ref, t, n);
-            bad |= ~V::finite(rz - lpz);
+            const F rz = V::keep(v, V::ld(r.ref + t, n));
+            bad |= ~(V::abs(rz - lpz) <= big);
             F kl, dkl;
-            kl_term<W, KL>(lpz, rz, clamp, kl, dkl);
+            kl_term<W, KL>(lpz, rz, c.clamp, kl, dkl);
             if (c.krw) {  // kl * rho, whose derivative is dkl * rho + kl * d rho / d logp
                 dkl = dkl * ratio + V::keep(gate, kl * ratio);
                 kl = kl * ratio;
@@ -567,52 +574,55 @@ HADW_INLINE void token_row(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
             gr += kc * dkl;
         }
         suspect -= v & bad;
-        V::store_n(r.g + t, V::keep(v, gr), n);
-    }
+        V::st(r.g + t, V::keep(v, gr), n);
+    });
     s.ntok = V::sum(ntok); s.pg = V::sum(pg_s); s.kl = V::sum(kl_s); s.akl = V::sum(akl_s);
     s.low = V::sum(low); s.high = V::sum(high); s.dual = V::sum(dual); s.suspect = V::sum(suspect);
 }
 
 // GSPO: the sequence ratio s = exp(mean_t log-ratio) needs the whole row first, then a second sweep (from L1)
 // evaluates the surrogate at s per token and writes the gradient: the same d/d log s share on every valid token
-// plus the KL term's own (added in a third sweep when there is a KL term).
+// plus the KL term's own (added in a third sweep).
 template <int W, int KL>
 HADW_INLINE void seq_row(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
     using V = Vec<W>;
     using F = typename V::F;
     using I = typename V::I;
-    const float clamp = c.clamp, kc = c.kl_coef;
+    const float kc = c.kl_coef;
+    const bool in_range = c.clamp <= 86.0f;
+    const F clamp = V::splat(c.clamp), nclamp = V::splat(-c.clamp), lo = V::splat(c.lo), hi = V::splat(c.hi);
+    const F a_row = V::splat(r.a_row), thr = V::splat(c.is_thr), big = V::splat(FLT_MAX);
     I ntok{}, suspect{};
     F lr_s{}, akl_s{};
-    for (int64_t t = 0; t < T; t += W) {
-        const int n = T - t < W ? static_cast<int>(T - t) : W;
-        const Lanes<W> L(c, r, t, n);
-        const F lpz = L.in(r.lp, t, n);
-        const F lr = lpz - L.in(r.old, t, n);
-        I bad = ~V::finite(lr);
-        if (r.isw) bad |= ~V::finite(L.w);
-        if (r.adv) bad |= ~V::finite(L.a);
-        if (KL) bad |= ~V::finite(L.in(r.ref, t, n) - lpz);
+    for_blocks<W>(T, [&](int64_t t, auto n) HADW_LAMBDA_INLINE {
+        const Lanes<W, decltype(n)> L(c, r, t, n, a_row, thr);
+        const F lpz = V::keep(L.v, V::ld(r.lp + t, n));
+        const F lr = lpz - V::keep(L.v, V::ld(r.old + t, n));
+        I bad = ~(V::abs(lr) <= big);
+        if (r.isw) bad |= ~(V::abs(L.w) <= big);
+        if (r.adv) bad |= ~(V::abs(L.a) <= big);
+        if (KL) bad |= ~(V::abs(V::keep(L.v, V::ld(r.ref + t, n)) - lpz) <= big);
         suspect -= L.v & bad;
         ntok -= L.v;
         lr_s += lr;
-        const F clr = V::clamp(lr, clamp);
-        akl_s += V::keep(L.v, exp_clamped<W>(-clr, clamp) + clr - 1.0f);
-    }
+        const F clr = V::clamp(lr, nclamp, clamp);
+        F ep, em;
+        exp_pair<W>(clr, in_range, ep, em);
+        akl_s += V::keep(L.v, em + clr - 1.0f);
+    });
     s.ntok = V::sum(ntok); s.akl = V::sum(akl_s); s.suspect = V::sum(suspect);
     const float ntok_c = s.ntok > 1.0 ? static_cast<float>(s.ntok) : 1.0f;
     const float seq_lr = static_cast<float>(V::sum(lr_s)) / ntok_c;
-    const float sr = exp_f(clampf(seq_lr, clamp));
-    const bool gate = std::fabs(seq_lr) <= clamp;
+    const float sr = exp_f(clampf(seq_lr, c.clamp));
+    const bool gate = std::fabs(seq_lr) <= c.clamp;
 
     const F srv = V::splat(sr);
     I low{}, high{}, dual{};
     F pg_s{}, dpg_s{}, kl_s{}, klraw_s{};
-    for (int64_t t = 0; t < T; t += W) {
-        const int n = T - t < W ? static_cast<int>(T - t) : W;
-        const Lanes<W> L(c, r, t, n);
+    for_blocks<W>(T, [&](int64_t t, auto n) HADW_LAMBDA_INLINE {
+        const Lanes<W, decltype(n)> L(c, r, t, n, a_row, thr);
         const I v = L.v;
-        const Surrogate<W> su(c, srv, L.a);
+        const Surrogate<W> su(c, srv, V::keep(v, L.a), lo, hi);
         dual -= v & su.dual;
         low -= v & su.low;
         high -= v & su.high;
@@ -625,29 +635,28 @@ HADW_INLINE void seq_row(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
         dpg_s += V::keep(v, dpg);
         if (KL) {
             F kl, dkl;
-            kl_term<W, KL>(L.in(r.lp, t, n), L.in(r.ref, t, n), clamp, kl, dkl);
+            kl_term<W, KL>(V::keep(v, V::ld(r.lp + t, n)), V::keep(v, V::ld(r.ref + t, n)), c.clamp, kl, dkl);
             klraw_s += V::keep(v, kl);
             if (c.krw) {
                 kl = kl * sr;
                 dkl = dkl * sr;
             }
             kl_s += V::keep(v, kl);
-            V::store_n(r.g + t, V::keep(v, kc * dkl), n);
+            V::st(r.g + t, V::keep(v, kc * dkl), n);
         }
-    }
+    });
     s.pg = V::sum(pg_s); s.kl = V::sum(kl_s);
     s.low = V::sum(low); s.high = V::sum(high); s.dual = V::sum(dual);
     // d/dlogp[t] of sum_u (pg_u(s) w_u + kl_coef kl_u s) through s = exp(clamp(sum_u lr_u / |y|)): the same on
     // every valid token.
     float shared = static_cast<float>(V::sum(dpg_s));
     if (c.krw) shared += kc * static_cast<float>(V::sum(klraw_s)) * sr;
-    shared = gate ? shared / ntok_c : 0.0f;
-    for (int64_t t = 0; t < T; t += W) {
-        const int n = T - t < W ? static_cast<int>(T - t) : W;
-        const Lanes<W> L(c, r, t, n);
-        const F own = KL ? (n == W ? V::load(r.g + t) : V::load_n(r.g + t, n)) : F{};
-        V::store_n(r.g + t, V::keep(L.v, own + shared), n);
-    }
+    const F sh = V::splat(gate ? shared / ntok_c : 0.0f);
+    for_blocks<W>(T, [&](int64_t t, auto n) HADW_LAMBDA_INLINE {
+        const I v = V::ld(r.m + t, n) != 0.0f;
+        const F own = KL ? V::ld(r.g + t, n) : F{};
+        V::st(r.g + t, V::keep(v, own + sh), n);
+    });
 }
 
 // Exact NaN / Inf counts at the valid positions of one row, per tensor (logp, old, ref, adv, isw): only for rows
