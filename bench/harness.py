@@ -206,6 +206,7 @@ class Row:
     times_ms: list[float] = field(default_factory=list)
     max_ms: float | None = None  # the slowest rep: a stall (a descheduled thread) shows here, not in the median
     cpu_ms: float | None = None  # median process CPU time per rep (CPU devices)
+    cpu_times_ms: list[float] = field(default_factory=list)  # per rep: a wall time far above it is a preemption
     bytes: int | None = None
     gbps: float | None = None
     pct_copy_bw: float | None = None
@@ -284,6 +285,7 @@ def run_device(op, inp: Any, device: torch.device, modes: list[str], provider_na
             cpu = [c for _, c in times[name] if c is not None]
             row = Row(name, mode, time_ms=statistics.median(wall) * 1e3, times_ms=[x * 1e3 for x in wall],
                       max_ms=max(wall) * 1e3, cpu_ms=statistics.median(cpu) * 1e3 if cpu else None,
+                      cpu_times_ms=[x * 1e3 for x in cpu],
                       bytes=op.bytes_moved(inp, mode, name), first_call_s=ready[name][1])
             row.gbps = row.bytes / (row.time_ms / 1e3) / 1e9
             row.pct_copy_bw = 100.0 * row.bytes / (row.time_ms / 1e3) / copy_bw

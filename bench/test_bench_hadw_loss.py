@@ -1,12 +1,15 @@
 """pytest-benchmark suite for `hadw_loss` (run explicitly: `pytest bench`; the default test path is tests/).
 
-CPU (always): naive / naive_compiled / reference / compiled x fwd / bwd / full at ~1M tokens, and the issue's
-target, `hadw_loss`'s default CPU path (the compiled reference) >= 8x the naive eager PyTorch in fwd+bwd, measured
-side by side. GPU (marked `gpu`, skipped without CUDA): the same providers plus triton and liger at >= 16M tokens,
-and the kernel's targets (fwd+bwd >= 85% of copy bandwidth, >= 8x eager, >= 1.5x torch.compile).
+CPU (always): naive / naive_compiled / reference / compiled / native x fwd / bwd / full at ~1M tokens, and the
+targets of `hadw_loss`'s default CPU path (the native kernel), measured side by side with a float mask: fwd+bwd >= 10x
+the naive eager PyTorch, >= 1.5x torch.compile of it, >= 30% of copy bandwidth; at 64 x 32 no call spends over 5 ms
+of CPU time (a stalled thread pool busy-waits; a preempted call does not). GPU (marked `gpu`, skipped without CUDA):
+the same providers plus triton and liger at >= 16M tokens, and the kernel's targets (fwd+bwd >= 85% of copy
+bandwidth, >= 8x eager, >= 1.5x torch.compile).
 
 Environment: HADW_BENCH_THREADS sets torch's CPU threads; HADW_BENCH_CPU_SHAPE / HADW_BENCH_GPU_SHAPE ("N,T,G")
-change the shapes; HADW_BENCH_MIN_SPEEDUP (default 8) the CPU target.
+change the shapes; HADW_BENCH_MIN_SPEEDUP (default 10) and HADW_BENCH_MIN_VS_COMPILED (default 1.5) the CPU
+targets.
 """
 
 from __future__ import annotations
@@ -92,34 +95,64 @@ def test_naive_matches_reference():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", ["naive", "naive_compiled", "reference", "compiled"])
+@pytest.mark.parametrize("provider", ["naive", "naive_compiled", "reference", "compiled", "native"])
 def test_cpu(benchmark, cpu_inputs, provider, mode):
     _bench(benchmark, cpu_inputs, provider, mode, torch.device("cpu"), CPU_ROUNDS)
 
 
-def test_cpu_speedup_vs_naive(benchmark, cpu_inputs):
-    """Issue target: hadw_loss's default CPU path (backend='auto' = the compiled reference) >= 8x the naive eager
-    PyTorch for fwd+bwd at ~1M tokens, the two measured side by side (rep by rep, alternating) in this run."""
-    n, t, _ = cpu_inputs.shape
-    if n * t < 900_000:
-        pytest.skip(f"the target is defined at ~1M tokens; HADW_BENCH_CPU_SHAPE gives {n * t}")
+def test_cpu_native_targets(benchmark):
+    """Targets of hadw_loss's default CPU path (the native kernel) at ~1M tokens, fwd+bwd, float mask (what verl
+    and TRL pass), measured side by side (rep by rep, alternating) in this run: >= 10x the naive eager PyTorch,
+    >= 1.5x torch.compile of that code, >= 30% of the copy bandwidth measured in the same run."""
     device = torch.device("cpu")
     prov = providers()
-    runners = {name: ModeRunner(prov[name], cpu_inputs, "full", op.leaves(cpu_inputs, name))
-               for name in ("naive", "reference", "compiled")}
+    why = prov["native"].available(device)
+    if why is not None:
+        pytest.skip(f"native: {why}")
+    n, t, g = CPU_SHAPE
+    if n * t < 900_000:
+        pytest.skip(f"the targets are defined at ~1M tokens; HADW_BENCH_CPU_SHAPE gives {n * t}")
+    inp = make_inputs(n, t, g, mask="float")
+    runners = {name: ModeRunner(prov[name], inp, "full", op.leaves(inp, name))
+               for name in ("naive", "naive_compiled", "native")}
+    for r in runners.values():  # the compile, outside the timing
+        r.setup()
+        r()
     times = time_interleaved(runners, device, reps=15, warmup=2)
     med = {name: median_wall(ts) for name, ts in times.items()}
-    speedup = med["naive"] / med["compiled"]
-    benchmark.group = "hadw_loss cpu speed-up vs naive (full)"
+    vs_naive, vs_compiled = med["naive"] / med["native"], med["naive_compiled"] / med["native"]
+    pct = 100 * bytes_moved(inp, "full", "native") / med["native"] / copy_bandwidth(device)
+    benchmark.group = "hadw_loss cpu native targets (full, float mask)"
     benchmark.extra_info.update({f"median_ms_{k}": v * 1e3 for k, v in med.items()})
-    benchmark.extra_info.update(speedup_compiled_vs_naive=speedup,
-                                speedup_reference_vs_naive=med["naive"] / med["reference"],
+    benchmark.extra_info.update(speedup_vs_naive=vs_naive, speedup_vs_naive_compiled=vs_compiled, pct_copy_bw=pct,
                                 torch_threads=torch.get_num_threads(), loadavg=loadavg())
-    runner = runners["compiled"]
+    runner = runners["native"]
     benchmark.pedantic(runner, setup=runner.setup, rounds=3, warmup_rounds=0, iterations=1)
-    target = float(os.environ.get("HADW_BENCH_MIN_SPEEDUP", "8"))
-    summary = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
-    assert speedup >= target, f"compiled is {speedup:.2f}x naive (target {target}x): {summary}"
+    min_naive = float(os.environ.get("HADW_BENCH_MIN_SPEEDUP", "10"))
+    min_compiled = float(os.environ.get("HADW_BENCH_MIN_VS_COMPILED", "1.5"))
+    summary = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
+    assert vs_naive >= min_naive and vs_compiled >= min_compiled and pct >= 30, (
+        f"native: {vs_naive:.1f}x naive (target {min_naive}x), {vs_compiled:.2f}x naive_compiled (target "
+        f"{min_compiled}x), {pct:.0f}% of copy bandwidth (target 30%): {summary}")
+
+
+def test_cpu_native_small_batches_never_stall(benchmark):
+    """64 x 32: no call of the native path spends over 5 ms of CPU time (300 calls). Wall time on a shared machine
+    also counts preemption, which no library controls: it is recorded, not asserted."""
+    device = torch.device("cpu")
+    prov = providers()["native"]
+    why = prov.available(device)
+    if why is not None:
+        pytest.skip(f"native: {why}")
+    inp = make_inputs(64, 32, 8, mask="float")
+    runner = ModeRunner(prov, inp, "full", op.leaves(inp, "native"))
+    (samples,) = time_interleaved({"native": runner}, device, reps=300, warmup=5).values()
+    wall, cpu = [w * 1e3 for w, _ in samples], [c * 1e3 for _, c in samples]
+    benchmark.group = "hadw_loss cpu native 64x32 (full)"
+    benchmark.extra_info.update(max_wall_ms=max(wall), max_cpu_ms=max(cpu),
+                                calls_over_5ms_wall=sum(w > 5 for w in wall), loadavg=loadavg())
+    benchmark.pedantic(runner, setup=runner.setup, rounds=10, warmup_rounds=0, iterations=1)
+    assert max(cpu) < 5.0, f"a 64 x 32 call took {max(cpu):.1f} ms of CPU time"
 
 
 def test_cli_smoke(tmp_path, capsys):
