@@ -18,13 +18,14 @@ packages = find_packages(include=["hadw_kernels", "hadw_kernels.*"])
 packages += ["hadw_trainer"] + [f"hadw_trainer.{p}" for p in find_packages("trainer")]
 
 # No -march: the kernel chooses its AVX-512 / AVX2 / baseline code at run time (hadw_kernels/csrc/hadw_cpu.cpp).
+# -g0 overrides Python's -g: debug info took a quarter of the build (~31 s -> ~23 s of CPU on the loaded 2 cores).
 unix = sys.platform != "win32"
 native = Extension(
     "hadw_kernels._hadw_cpu",
     sources=["hadw_kernels/csrc/hadw_cpu.cpp"],
     depends=["hadw_kernels/csrc/hadw_cpu.h"],
     language="c++",
-    extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-fvisibility=hidden"] if unix
+    extra_compile_args=["-O3", "-g0", "-std=c++17", "-fno-math-errno", "-fvisibility=hidden"] if unix
     else ["/O2", "/std:c++17"],
     extra_link_args=["-pthread"] if unix else [],
     optional=True,
