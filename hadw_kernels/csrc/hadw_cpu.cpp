@@ -8,8 +8,9 @@
 //   surrogate, the KL term, approx_kl, the clip counts, the NaN/Inf counts and the per-token gradient, reduced to
 //   per-lane fp32 sums that are added up in float64 at the end of the row; GSPO needs the row's log-ratio sum
 //   first, so it makes a second sweep over the (L1-resident) row;
-// - the gradient written is that of the loss's numerator: the denominator (a global count, known at the end) and
-//   the upstream gradient are applied by hadw_cpu_scale_grad in the backward.
+// - the gradient is written final (dL/dlogp for an upstream gradient of 1): its denominator (a global count) and
+//   the rows' 1 / |y_i| come from a first, mask-only pass where they are needed, so the backward has nothing left to
+//   do but hand the buffer over (or scale it by an upstream gradient other than 1).
 //
 // Vectorisation is explicit (GCC / Clang vector extensions, W lanes of fp32): gcc 12 left the `omp simd` version of
 // the token loop on its scalar path (a reduction next to a select-and-store), 30 ms instead of ~2 ms per 1M tokens.
@@ -372,8 +373,9 @@ struct Ctx {
     int seq_ratio, kl_est;
     float lo, hi, clip_c, kl_coef, clamp, is_thr;  // kl_coef = 0 where the KL is not in the loss
     bool dual, krw;
-    float *grad;   // NULL: not wanted
-    float *row_w;  // NULL, or [N]: 1 / max(|y_i|, 1) for seq-mean-token-mean
+    float *grad;           // NULL: not wanted
+    const float *lengths;  // NULL, or [N] valid tokens per row (from the mask pass; seq-mean-token-mean)
+    float inv_denom;       // 1 / the aggregation's denominator (1 without a gradient)
 };
 
 struct RowSums {  // one row's sums, in float64
@@ -384,6 +386,7 @@ struct Rows {  // one row's inputs as fp32 (pointers into the tensors or into th
     const float *lp, *old, *ref, *isw, *adv;  // ref NULL without KL, isw NULL without weights, adv NULL for [N]
     const float *m;                           // the mask as fp32, nonzero = valid
     float a_row;                              // the row's advantage where adv is [N]
+    float gf;                                 // dL/d(row's numerator): 1 / denominator (/ |y_i| for row means)
     float *g;
 };
 
@@ -490,7 +493,7 @@ HADW_INLINE void token_row_signed(const Ctx &c, int64_t T, const Rows &r, RowSum
     I ntok{}, clipped{}, suspect{};
     F pg_s{}, akl_s{};
     const F clamp = V::splat(c.clamp), nclamp = V::splat(-c.clamp), bound = V::splat(NEG ? c.lo : c.hi);
-    const F na = V::splat(-r.a_row), big = V::splat(FLT_MAX);
+    const F na = V::splat(-r.a_row), nag = V::splat(-r.a_row * r.gf), big = V::splat(FLT_MAX);
     const I count = V::splat_i(NEG || r.a_row > 0.0f ? -1 : 0);  // clipfrac_high counts A > 0 only
     for_blocks<W>(T, [&](int64_t t, auto n) HADW_LAMBDA_INLINE {
         const I v = V::ld(r.m + t, n) != 0.0f;
@@ -507,7 +510,7 @@ HADW_INLINE void token_row_signed(const Ctx &c, int64_t T, const Rows &r, RowSum
         pg_s += V::keep(v, na * V::sel(out, bound, ratio));
         clipped -= v & out & count;
         const I active = v & ~out & (alr <= clamp);  // the unclipped arm, inside the log-ratio clamp
-        V::st(r.g + t, V::keep(active, na * ratio), n);
+        V::st(r.g + t, V::keep(active, nag * ratio), n);
     });
     s.ntok = V::sum(ntok); s.pg = V::sum(pg_s); s.akl = V::sum(akl_s); s.suspect = V::sum(suspect);
     (NEG ? s.low : s.high) = V::sum(clipped);
@@ -533,7 +536,7 @@ HADW_INLINE void token_row(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
     const float kc = c.kl_coef;
     const bool in_range = c.clamp <= 86.0f;
     const F clamp = V::splat(c.clamp), nclamp = V::splat(-c.clamp), lo = V::splat(c.lo), hi = V::splat(c.hi);
-    const F a_row = V::splat(r.a_row), thr = V::splat(c.is_thr), big = V::splat(FLT_MAX);
+    const F a_row = V::splat(r.a_row), thr = V::splat(c.is_thr), big = V::splat(FLT_MAX), gf = V::splat(r.gf);
     for_blocks<W>(T, [&](int64_t t, auto n) HADW_LAMBDA_INLINE {
         const Lanes<W, decltype(n)> L(c, r, t, n, a_row, thr);
         const I v = L.v;
@@ -574,7 +577,7 @@ HADW_INLINE void token_row(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
             gr += kc * dkl;
         }
         suspect -= v & bad;
-        V::st(r.g + t, V::keep(v, gr), n);
+        V::st(r.g + t, V::keep(v, gr * gf), n);
     });
     s.ntok = V::sum(ntok); s.pg = V::sum(pg_s); s.kl = V::sum(kl_s); s.akl = V::sum(akl_s);
     s.low = V::sum(low); s.high = V::sum(high); s.dual = V::sum(dual); s.suspect = V::sum(suspect);
@@ -651,11 +654,11 @@ HADW_INLINE void seq_row(const Ctx &c, int64_t T, const Rows &r, RowSums &s) {
     // every valid token.
     float shared = static_cast<float>(V::sum(dpg_s));
     if (c.krw) shared += kc * static_cast<float>(V::sum(klraw_s)) * sr;
-    const F sh = V::splat(gate ? shared / ntok_c : 0.0f);
+    const F sh = V::splat(gate ? shared / ntok_c : 0.0f), gf = V::splat(r.gf);
     for_blocks<W>(T, [&](int64_t t, auto n) HADW_LAMBDA_INLINE {
         const I v = V::ld(r.m + t, n) != 0.0f;
         const F own = KL ? V::ld(r.g + t, n) : F{};
-        V::st(r.g + t, V::keep(v, own + sh), n);
+        V::st(r.g + t, V::keep(v, (own + sh) * gf), n);
     });
 }
 
@@ -702,6 +705,8 @@ HADW_INLINE void rows_variant(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc,
     for (int64_t i = r0; i < r1; ++i) {
         Rows r;
         const float a_row = c.load(c, i, sc, r);
+        // d loss / d (row's sum) as autograd forms it: (1 / denominator) / |y_i| for row means
+        r.gf = c.lengths ? c.inv_denom / std::max(c.lengths[i], 1.0f) : c.inv_denom;
         RowSums s;
         if (SEQ)
             seq_row<W, KL>(c, T, r, s);
@@ -712,11 +717,10 @@ HADW_INLINE void rows_variant(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc,
         const float pg = static_cast<float>(s.pg), kl = static_cast<float>(s.kl);
         float loss_row = pg + c.kl_coef * kl;
         float pg_row = pg, kl_row = kl;
-        if (c.row_mean) {  // the reference divides each row's sum by its length; the gradient's weight goes to
-            loss_row /= ntok_c;  // the backward
+        if (c.row_mean) {  // the reference divides each row's sum by its length
+            loss_row /= ntok_c;
             pg_row /= ntok_c;
             kl_row /= ntok_c;
-            if (c.row_w) c.row_w[i] = 1.0f / ntok_c;
         }
         partial[S_LOSS] += loss_row;
         partial[S_PG] += pg_row;
@@ -747,13 +751,12 @@ HADW_INLINE void rows_impl(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, do
     }
 }
 
-// The backward for rows [i0, i1): dst[i, t] = src[i, t] * (row_w[i] if row_w) * scale, rounded to dst's dtype.
+// The backward for rows [i0, i1): dst[i, t] = src[i, t] * scale, rounded to dst's dtype (dst may be src).
 template <int W>
-HADW_INLINE void scale_impl(int64_t T, const float *src, const float *row_w, float scale, void *dst, int dtype,
-                            int64_t i0, int64_t i1) {
+HADW_INLINE void scale_impl(int64_t T, const float *src, float scale, void *dst, int dtype, int64_t i0, int64_t i1) {
     using V = Vec<W>;
     for (int64_t i = i0; i < i1; ++i) {
-        const float f = row_w ? row_w[i] * scale : scale;
+        const float f = scale;
         const float *s = src + i * T;
         if (dtype == HADW_F32) {
             float *d = static_cast<float *>(dst) + i * T;
@@ -767,14 +770,48 @@ HADW_INLINE void scale_impl(int64_t T, const float *src, const float *row_w, flo
     }
 }
 
+// The aggregation's denominator, as the reference forms it: the normalizer, or count.clamp(min=1) in fp32 (valid
+// tokens for token-mean, non-empty rows otherwise), times norm_len for seq-mean-token-sum-norm.
+float denominator(const hadw_loss_cfg &cfg, double n_tokens, double n_seqs) {
+    float d;
+    if (cfg.has_normalizer)
+        d = static_cast<float>(cfg.normalizer);
+    else if (cfg.loss_agg == HADW_TOKEN_MEAN)
+        d = static_cast<float>(std::max(n_tokens, 1.0));
+    else
+        d = static_cast<float>(std::max(n_seqs, 1.0));
+    if (cfg.loss_agg == HADW_SEQ_MEAN_TOKEN_SUM_NORM) d = d * cfg.norm_len;
+    return d;
+}
+
+// The mask pass for rows [r0, r1): each row's valid tokens into lengths[i]; counts[0] += tokens, counts[1] +=
+// non-empty rows.
+template <int W>
+HADW_INLINE void count_impl(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, float *lengths, double *counts) {
+    using V = Vec<W>;
+    for (int64_t i = r0; i < r1; ++i) {
+        const float *m = mask_row<W>(c.mask, i, c.T, sc.row(2, c.T));
+        typename V::I n{};
+        for_blocks<W>(c.T, [&](int64_t t, auto w) HADW_LAMBDA_INLINE { n -= V::ld(m + t, w) != 0.0f; });
+        const double len = V::sum(n);
+        lengths[i] = static_cast<float>(len);
+        counts[0] += len;
+        counts[1] += len > 0 ? 1.0 : 0.0;
+    }
+}
+
 // -- one copy of the kernels per instruction set ----------------------------------------------------------------
 using RowsFn = void (*)(const Ctx &, int64_t, int64_t, Scratch &, double *);
-using ScaleFn = void (*)(int64_t, const float *, const float *, float, void *, int, int64_t, int64_t);
+using CountFn = void (*)(const Ctx &, int64_t, int64_t, Scratch &, float *, double *);
+using ScaleFn = void (*)(int64_t, const float *, float, void *, int, int64_t, int64_t);
 
 void rows_default(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, double *p) { rows_impl<4>(c, r0, r1, sc, p); }
 float load_default(const Ctx &c, int64_t i, Scratch &sc, Rows &r) { return load_row_inputs<4>(c, i, sc, r); }
-void scale_default(int64_t T, const float *s, const float *w, float f, void *d, int t, int64_t i0, int64_t i1) {
-    scale_impl<4>(T, s, w, f, d, t, i0, i1);
+void count_default(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, float *len, double *n) {
+    count_impl<4>(c, r0, r1, sc, len, n);
+}
+void scale_default(int64_t T, const float *s, float f, void *d, int t, int64_t i0, int64_t i1) {
+    scale_impl<4>(T, s, f, d, t, i0, i1);
 }
 
 #ifdef HADW_X86_DISPATCH
@@ -784,9 +821,11 @@ HADW_AVX2 void rows_avx2(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, doub
     rows_impl<8>(c, r0, r1, sc, p);
 }
 HADW_AVX2 float load_avx2(const Ctx &c, int64_t i, Scratch &sc, Rows &r) { return load_row_inputs<8>(c, i, sc, r); }
-HADW_AVX2 void scale_avx2(int64_t T, const float *s, const float *w, float f, void *d, int t, int64_t i0,
-                          int64_t i1) {
-    scale_impl<8>(T, s, w, f, d, t, i0, i1);
+HADW_AVX2 void count_avx2(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, float *len, double *n) {
+    count_impl<8>(c, r0, r1, sc, len, n);
+}
+HADW_AVX2 void scale_avx2(int64_t T, const float *s, float f, void *d, int t, int64_t i0, int64_t i1) {
+    scale_impl<8>(T, s, f, d, t, i0, i1);
 }
 HADW_AVX512 void rows_avx512(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, double *p) {
     rows_impl<16>(c, r0, r1, sc, p);
@@ -794,9 +833,11 @@ HADW_AVX512 void rows_avx512(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, 
 HADW_AVX512 float load_avx512(const Ctx &c, int64_t i, Scratch &sc, Rows &r) {
     return load_row_inputs<16>(c, i, sc, r);
 }
-HADW_AVX512 void scale_avx512(int64_t T, const float *s, const float *w, float f, void *d, int t, int64_t i0,
-                              int64_t i1) {
-    scale_impl<16>(T, s, w, f, d, t, i0, i1);
+HADW_AVX512 void count_avx512(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, float *len, double *n) {
+    count_impl<16>(c, r0, r1, sc, len, n);
+}
+HADW_AVX512 void scale_avx512(int64_t T, const float *s, float f, void *d, int t, int64_t i0, int64_t i1) {
+    scale_impl<16>(T, s, f, d, t, i0, i1);
 }
 #endif
 
@@ -805,6 +846,7 @@ struct Isa {
     RowsFn rows;
     LoadFn load;
     ScaleFn scale;
+    CountFn count;
 };
 
 Isa isa_named(const char *name) {  // name's code where this CPU runs it, else the best below it
@@ -817,12 +859,12 @@ Isa isa_named(const char *name) {  // name's code where this CPU runs it, else t
         __builtin_cpu_init();
         if (!at_most_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-            return {"avx512", rows_avx512, load_avx512, scale_avx512};
+            return {"avx512", rows_avx512, load_avx512, scale_avx512, count_avx512};
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-            return {"avx2", rows_avx2, load_avx2, scale_avx2};
+            return {"avx2", rows_avx2, load_avx2, scale_avx2, count_avx2};
     }
 #endif
-    return {"default", rows_default, load_default, scale_default};
+    return {"default", rows_default, load_default, scale_default, count_default};
 }
 
 // The instruction set in use: the best this CPU has, or a lower one named by HADW_CPU_ISA (read at first use) or
@@ -904,8 +946,8 @@ bool present(const hadw_view *v) { return v != nullptr && v->data != nullptr; }
 // -- exported -----------------------------------------------------------------------------------------------------
 HADW_EXPORT int hadw_cpu_policy_loss(int64_t N, int64_t T, const hadw_view *logp, const hadw_view *old,
                                      const hadw_view *ref, const hadw_view *mask, const hadw_view *adv,
-                                     const hadw_view *isw, const hadw_loss_cfg *cfg, float *grad, float *row_w,
-                                     float *loss, float *denom, float *metrics, float *kl_metrics, int64_t *nonfinite,
+                                     const hadw_view *isw, const hadw_loss_cfg *cfg, float *grad, float *loss,
+                                     float *denom, float *metrics, float *kl_metrics, int64_t *nonfinite,
                                      int32_t n_threads) {
     if (N <= 0 || T <= 0 || !cfg || !loss || !denom || !metrics || !nonfinite || !present(logp) || !present(old) ||
         !present(mask) ||
@@ -941,7 +983,8 @@ HADW_EXPORT int hadw_cpu_policy_loss(int64_t N, int64_t T, const hadw_view *logp
     c.dual = cfg->dual_clip != 0;
     c.krw = cfg->kl_ratio_weighted != 0;
     c.grad = grad;
-    c.row_w = row_w;
+    c.lengths = nullptr;
+    c.inv_denom = 1.0f;
 
     const int64_t chunk_tokens = std::max<int64_t>(1, g_chunk_tokens.load());
     const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_tokens / T);
@@ -950,7 +993,27 @@ HADW_EXPORT int hadw_cpu_policy_loss(int64_t N, int64_t T, const hadw_view *logp
     const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, N * T / per_thread)));
     std::vector<double> partial(static_cast<size_t>(n_chunks * NUM_SLOTS), 0.0);
     const RowsFn rows = isa().rows;
+    std::vector<float> lengths;
     try {
+        if (grad && (c.row_mean || !cfg->has_normalizer)) {
+            // The mask pass: rows' lengths and the counts behind the denominator (1 B per token read for a bool
+            // mask; the backward's pass over the gradient, 8 B per token, is what it saves).
+            lengths.resize(static_cast<size_t>(N));
+            std::vector<double> counts(static_cast<size_t>(2 * n_chunks), 0.0);
+            const CountFn count = isa().count;
+            parallel_chunks(n_chunks, threads, [&](int64_t k) {
+                thread_local std::unique_ptr<Scratch> scratch;
+                if (!scratch || static_cast<int64_t>(scratch->buf.size()) < 7 * T) scratch.reset(new Scratch(T));
+                const int64_t r0 = k * rows_per_chunk;
+                count(c, r0, std::min(N, r0 + rows_per_chunk), *scratch, lengths.data(), counts.data() + 2 * k);
+            });
+            double n_tok = 0, n_seq = 0;
+            for (int64_t k = 0; k < n_chunks; ++k) n_tok += counts[2 * k], n_seq += counts[2 * k + 1];
+            c.inv_denom = 1.0f / denominator(*cfg, n_tok, n_seq);
+            if (c.row_mean) c.lengths = lengths.data();
+        } else if (grad) {
+            c.inv_denom = 1.0f / denominator(*cfg, 0, 0);
+        }
         parallel_chunks(n_chunks, threads, [&](int64_t k) {
             thread_local std::unique_ptr<Scratch> scratch;
             if (!scratch || static_cast<int64_t>(scratch->buf.size()) < 7 * T) scratch.reset(new Scratch(T));
@@ -966,14 +1029,7 @@ HADW_EXPORT int hadw_cpu_policy_loss(int64_t N, int64_t T, const hadw_view *logp
 
     // Finalize as the reference does: each sum rounded once to fp32, count.clamp(min=1) in fp32, total / denom.
     const double n_tokens = sum[S_TOKENS], n_seqs = sum[S_SEQS];
-    float d;
-    if (cfg->has_normalizer)
-        d = static_cast<float>(cfg->normalizer);
-    else if (cfg->loss_agg == HADW_TOKEN_MEAN)
-        d = static_cast<float>(std::max(n_tokens, 1.0));
-    else
-        d = static_cast<float>(std::max(n_seqs, 1.0));
-    if (cfg->loss_agg == HADW_SEQ_MEAN_TOKEN_SUM_NORM) d = d * cfg->norm_len;
+    const float d = denominator(*cfg, n_tokens, n_seqs);
     const float per_token = static_cast<float>(std::max(n_tokens, 1.0));
     const float l = static_cast<float>(sum[S_LOSS]) / d;
     *loss = l;
@@ -1071,8 +1127,8 @@ HADW_EXPORT int hadw_cpu_advantages(int64_t N, int64_t G, const hadw_view *rewar
     return HADW_OK;
 }
 
-HADW_EXPORT int hadw_cpu_scale_grad(int64_t N, int64_t T, const float *src, const float *row_w, float scale,
-                                    void *dst, int32_t dst_dtype, int32_t n_threads) {
+HADW_EXPORT int hadw_cpu_scale_grad(int64_t N, int64_t T, const float *src, float scale, void *dst,
+                                    int32_t dst_dtype, int32_t n_threads) {
     if (N < 0 || T < 0 || (N * T > 0 && (!src || !dst)) ||
         (dst_dtype != HADW_F32 && dst_dtype != HADW_BF16 && dst_dtype != HADW_F16))
         return HADW_EBADARG;
@@ -1083,7 +1139,7 @@ HADW_EXPORT int hadw_cpu_scale_grad(int64_t N, int64_t T, const float *src, cons
     const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, N * T / per_thread)));
     const ScaleFn fn = isa().scale;
     parallel_chunks(n_chunks, threads, [&](int64_t k) {
-        fn(T, src, row_w, scale, dst, dst_dtype, k * rows_per_chunk, std::min(N, (k + 1) * rows_per_chunk));
+        fn(T, src, scale, dst, dst_dtype, k * rows_per_chunk, std::min(N, (k + 1) * rows_per_chunk));
     });
     return HADW_OK;
 }

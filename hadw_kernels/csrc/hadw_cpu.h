@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define HADW_CPU_ABI_VERSION 1
+#define HADW_CPU_ABI_VERSION 2
 
 /* dtype codes of a view (bool and uint8 share HADW_U8) */
 enum hadw_dtype {
@@ -88,15 +88,14 @@ typedef struct {
 /* The clipped policy loss on given advantages, forward and gradient in one pass over the tokens.
  *   logp, old, mask: [N, T]; ref: [N, T] or absent (kl_estimator == 0); isw: [N, T] rollout importance weights or
  *   absent; adv: [N] (adv_per_row) or [N, T].
- *   grad: NULL, or [N, T] contiguous fp32: the gradient of the aggregation's numerator without the row weights,
- *         i.e. dL/dlogp[i, t] = grad[i, t] * row_w[i] * (upstream gradient / denom) (hadw_cpu_scale_grad).
- *   row_w: NULL, or [N] fp32, written for seq-mean-token-mean only: 1 / max(|y_i|, 1) (else the weight is 1).
+ *   grad: NULL, or [N, T] contiguous fp32: dL/dlogp for an upstream gradient of 1 (a first pass over the mask finds
+ *         the denominator and the rows' lengths where the gradient needs them).
  *   loss, denom: fp32 scalars; metrics: [HADW_NUM_POLICY_METRICS] fp32; kl_metrics: [HADW_NUM_KL_METRICS] fp32 or
  *   NULL (written only with ref); nonfinite: [HADW_NUM_NONFINITE] exact counts.
  *   n_threads: at most this many threads (1 = serial). Results do not depend on it (bit for bit). */
 int hadw_cpu_policy_loss(int64_t N, int64_t T, const hadw_view *logp, const hadw_view *old, const hadw_view *ref,
                          const hadw_view *mask, const hadw_view *adv, const hadw_view *isw, const hadw_loss_cfg *cfg,
-                         float *grad, float *row_w, float *loss, float *denom, float *metrics, float *kl_metrics,
+                         float *grad, float *loss, float *denom, float *metrics, float *kl_metrics,
                          int64_t *nonfinite, int32_t n_threads);
 
 /* Group-relative advantages with HA-DW weights for contiguous groups of G rows (N = P * G), NaN = unscorable.
@@ -104,10 +103,10 @@ int hadw_cpu_policy_loss(int64_t N, int64_t T, const hadw_view *logp, const hadw
 int hadw_cpu_advantages(int64_t N, int64_t G, const hadw_view *rewards, const hadw_adv_cfg *cfg, float *adv,
                         float *phi, float *metrics);
 
-/* The backward, from what the forward kept: dst[i, t] = src[i, t] * row_w[i] * scale ([N, T] contiguous; row_w
- * NULL = 1), rounded to dst_dtype (HADW_F32, HADW_BF16 or HADW_F16; round to nearest even). */
-int hadw_cpu_scale_grad(int64_t N, int64_t T, const float *src, const float *row_w, float scale, void *dst,
-                        int32_t dst_dtype, int32_t n_threads);
+/* The backward, from the gradient the forward wrote: dst[i, t] = src[i, t] * scale ([N, T] contiguous; dst may
+ * be src), rounded to dst_dtype (HADW_F32, HADW_BF16 or HADW_F16; round to nearest even). */
+int hadw_cpu_scale_grad(int64_t N, int64_t T, const float *src, float scale, void *dst, int32_t dst_dtype,
+                        int32_t n_threads);
 
 /* Tuning, for tests: tokens per work chunk (results are bitwise reproducible for a fixed chunk size) and the
  * fewest tokens per thread before a second thread is used. Values <= 0 restore the defaults. */

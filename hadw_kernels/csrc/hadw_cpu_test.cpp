@@ -75,14 +75,14 @@ int main() {
         hadw_loss_cfg c = grpo_cfg(HADW_TOKEN_MEAN);
         float grad[6];
         Out o;
-        int rc = hadw_cpu_policy_loss(2, 3, &lp, &ol, &none, &m, &a, &none, &c, grad, nullptr, &o.loss, &o.denom, o.metrics,
+        int rc = hadw_cpu_policy_loss(2, 3, &lp, &ol, &none, &m, &a, &none, &c, grad, &o.loss, &o.denom, o.metrics,
                                       nullptr, o.bad, 1);
         check(rc == HADW_OK, "policy loss runs");
         // pg: row 0: -1.1, -0.5, -1.2; row 1: max(0.5, 0.8) = 0.8, 1.1 -> total -0.9 over 5 tokens
         near(o.loss, -0.9 / 5, 1e-6, "loss");
         near(o.denom, 5, 0, "denom = valid tokens");
-        const float want_grad[6] = {-1.1f, -0.5f, 0.0f, 0.0f, 1.1f, 0.0f};
-        for (int k = 0; k < 6; ++k) near(grad[k], want_grad[k], 1e-6, "gradient of the numerator");
+        const float want_grad[6] = {-1.1f, -0.5f, 0.0f, 0.0f, 1.1f, 0.0f};  // d numerator / dlogp
+        for (int k = 0; k < 6; ++k) near(grad[k], want_grad[k] / 5, 1e-6, "gradient (numerator / 5 tokens)");
         near(o.metrics[1], 1.0 / 5, 1e-7, "clipfrac_low (A < 0, rho < 0.8)");
         near(o.metrics[2], 1.0 / 5, 1e-7, "clipfrac_high (A > 0, rho > 1.2)");
         near(o.metrics[0], 2.0 / 5, 1e-7, "clipfrac");
@@ -98,7 +98,7 @@ int main() {
         hadw_view lp2 = view(logp2, 3, 1, HADW_F32);
         c.dual_clip = 1;
         c.clip_c = 3.0f;
-        rc = hadw_cpu_policy_loss(2, 3, &lp2, &ol, &none, &m, &a, &none, &c, grad, nullptr, &o.loss, &o.denom, o.metrics,
+        rc = hadw_cpu_policy_loss(2, 3, &lp2, &ol, &none, &m, &a, &none, &c, grad, &o.loss, &o.denom, o.metrics,
                                   nullptr, o.bad, 1);
         near(o.metrics[3], 1.0 / 5, 1e-7, "dual_clipfrac");
         near(grad[3], 0.0, 0, "dual clip: no gradient");
@@ -111,7 +111,7 @@ int main() {
         logp3[0] = NAN;
         old3[4] = INFINITY;
         hadw_view lp3 = view(logp3, 3, 1, HADW_F32), ol3 = view(old3, 3, 1, HADW_F32);
-        hadw_cpu_policy_loss(2, 3, &lp3, &ol3, &none, &m, &a, &none, &c, nullptr, nullptr, &o.loss, &o.denom, o.metrics,
+        hadw_cpu_policy_loss(2, 3, &lp3, &ol3, &none, &m, &a, &none, &c, nullptr, &o.loss, &o.denom, o.metrics,
                              nullptr, o.bad, 1);
         check(o.bad[0] == 1 && o.bad[1] == 1 && o.bad[2] == 0, "NaN / Inf at valid positions counted");
     }
@@ -127,19 +127,18 @@ int main() {
         hadw_view lp = view(lp16, 2, 1, HADW_BF16), ol = view(old_t, 1, 2, HADW_F32), m = view(mask16, 2, 1, HADW_F16);
         hadw_view a = view(adv, 1, 0, HADW_F32), none = view(nullptr, 0, 0, 0);
         hadw_loss_cfg c = grpo_cfg(HADW_SEQ_MEAN_TOKEN_MEAN);
-        float grad[4], row_w[2], dlogp[4];
+        float grad[4], dlogp[4];
         Out o;
-        hadw_cpu_policy_loss(2, 2, &lp, &ol, &none, &m, &a, &none, &c, grad, row_w, &o.loss, &o.denom, o.metrics,
-                             nullptr, o.bad, 1);
+        hadw_cpu_policy_loss(2, 2, &lp, &ol, &none, &m, &a, &none, &c, grad, &o.loss, &o.denom, o.metrics, nullptr,
+                             o.bad, 1);
         // ratios: row 0: 1 (masked: -0), row 1: 1, 1 -> pg = -A: row means -1 and -2, over 2 rows
         near(o.loss, -1.5, 1e-7, "bf16 / fp16 / strided: loss");
         near(o.metrics[7], 3, 0, "fp16 -0 is a zero of the mask");
-        near(row_w[0], 1.0, 0, "row weight 1 / |y_0|");
-        near(row_w[1], 0.5, 0, "row weight 1 / |y_1|");
-        hadw_cpu_scale_grad(2, 2, grad, row_w, 1.0f / o.denom, dlogp, HADW_F32, 1);
-        near(dlogp[0], -1.0 / 2, 1e-7, "row 0 gradient: -A / |y_0| / rows");
-        near(dlogp[1], 0.0, 0, "masked");
-        near(dlogp[2], -2.0 / 2 / 2, 1e-7, "row 1 gradient: -A / |y_1| / rows");
+        near(grad[0], -1.0 / 2, 1e-7, "row 0 gradient: -A / |y_0| / rows");
+        near(grad[1], 0.0, 0, "masked");
+        near(grad[2], -2.0 / 2 / 2, 1e-7, "row 1 gradient: -A / |y_1| / rows");
+        hadw_cpu_scale_grad(2, 2, grad, 3.0f, dlogp, HADW_F32, 1);
+        near(dlogp[2], -1.5, 1e-7, "backward: times the upstream gradient");
     }
 
     // 3. Advantages: rewards [1, 0, 0, 0], anchor 0.5, lambda 1.3, Bessel std: A_hat = (0.75, -0.25 x 3) / 0.5,
@@ -170,12 +169,12 @@ int main() {
         const float b[2] = {1.0f + 1.0f / 256, 1.0f + 3.0f / 256};
         const float h[3] = {1.0f + 1.0f / 2048, 1.0f + 3.0f / 2048, 65520.0f};
         uint16_t out[3];
-        hadw_cpu_scale_grad(1, 2, b, nullptr, 1.0f, out, HADW_BF16, 1);
+        hadw_cpu_scale_grad(1, 2, b, 1.0f, out, HADW_BF16, 1);
         check(out[0] == 0x3f80 && out[1] == 0x3f82, "bf16 round to nearest even");
-        hadw_cpu_scale_grad(1, 3, h, nullptr, 1.0f, out, HADW_F16, 1);
+        hadw_cpu_scale_grad(1, 3, h, 1.0f, out, HADW_F16, 1);
         check(out[0] == 0x3c00 && out[1] == 0x3c02 && out[2] == 0x7c00, "fp16 round to nearest even, overflow");
         float f[3];
-        hadw_cpu_scale_grad(3, 1, h, nullptr, 0.5f, f, HADW_F32, 1);
+        hadw_cpu_scale_grad(3, 1, h, 0.5f, f, HADW_F32, 1);
         near(f[2], 32760.0, 0, "fp32 scale");
     }
 
@@ -205,9 +204,9 @@ int main() {
             c.kl_coef = 0.1f;
             std::vector<float> g1(N * T), g2(N * T);
             Out o1, o2;
-            hadw_cpu_policy_loss(N, T, &lp, &ol, &rf, &m, &a, &none, &c, g1.data(), nullptr, &o1.loss, &o1.denom, o1.metrics,
+            hadw_cpu_policy_loss(N, T, &lp, &ol, &rf, &m, &a, &none, &c, g1.data(), &o1.loss, &o1.denom, o1.metrics,
                                  o1.kl, o1.bad, 1);
-            hadw_cpu_policy_loss(N, T, &lp, &ol, &rf, &m, &a, &none, &c, g2.data(), nullptr, &o2.loss, &o2.denom, o2.metrics,
+            hadw_cpu_policy_loss(N, T, &lp, &ol, &rf, &m, &a, &none, &c, g2.data(), &o2.loss, &o2.denom, o2.metrics,
                                  o2.kl, o2.bad, 2);
             check(std::memcmp(&o1, &o2, sizeof o1) == 0, "threads 1 and 2: loss and metrics bit for bit");
             check(std::memcmp(g1.data(), g2.data(), sizeof(float) * N * T) == 0, "threads 1 and 2: gradient");

@@ -11,10 +11,12 @@ Layers:
 - `loss_terms_with_checks` / `policy_loss_terms_with_checks`: what `hadw_kernels.loss` calls for backend="native",
   returning exactly what the reference path returns.
 
-The forward writes the gradient of the loss's numerator (fp32 [N, T]) while it reads the inputs; the backward
-only scales it by (upstream gradient / denominator), rounding to the input dtype. So the inputs are read once, and
-nothing [N, T] but that gradient is written. float64 inputs never come here (`hadw_kernels.loss` sends them to the
-reference). `HADW_KERNELS_NATIVE_LIB=/path/to/lib` loads another build of the core (CMake's, in CTest).
+The forward writes the final gradient (fp32 [N, T], dL/dlogp for an upstream gradient of 1) while it reads the
+inputs; the eager backward hands that buffer to autograd (scaled in place by an upstream gradient other than 1;
+converted for bf16 / fp16 inputs), so the inputs are read once and nothing [N, T] but the gradient is written. A
+second backward through a retained graph recomputes the gradient from the saved inputs. float64 inputs never come
+here (`hadw_kernels.loss` sends them to the reference). `HADW_KERNELS_NATIVE_LIB=/path/to/lib` loads another build
+of the core (CMake's, in CTest).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from hadw_kernels.config import LossConfig
 from hadw_kernels.ops._config_json import config_from_json, config_to_json
 from hadw_kernels.reference import active_anchor, metric_names
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIB_ENV = "HADW_KERNELS_NATIVE_LIB"
 BUILD_HINT = ("build it with a C++ compiler present (g++ or clang++): `pip install -e .` (or `pip install .`) "
               "again, or `python setup.py build_ext --inplace` in a source checkout")
@@ -88,9 +90,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"the native CPU kernel at {found[0]} is stale (ABI {version}, expected {ABI_VERSION})"
     view, i64, i32, f32, fptr = ctypes.POINTER(_View), ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
     lib.hadw_cpu_policy_loss.argtypes = [i64, i64, view, view, view, view, view, view, ctypes.POINTER(_LossCfg),
-                                         fptr, fptr, fptr, fptr, fptr, fptr, fptr, i32]
+                                         fptr, fptr, fptr, fptr, fptr, fptr, i32]
     lib.hadw_cpu_advantages.argtypes = [i64, i64, view, ctypes.POINTER(_AdvCfg), fptr, fptr, fptr]
-    lib.hadw_cpu_scale_grad.argtypes = [i64, i64, fptr, fptr, f32, fptr, i32, i32]
+    lib.hadw_cpu_scale_grad.argtypes = [i64, i64, fptr, f32, fptr, i32, i32]
     lib.hadw_cpu_set_tuning.argtypes = [i64, i64]
     lib.hadw_cpu_set_tuning.restype = None
     lib.hadw_cpu_isa.restype = ctypes.c_char_p
@@ -172,29 +174,28 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _saved_shapes(N: int, T: int, config: LossConfig, need_grad: bool) -> tuple[tuple, tuple]:
-    """Shapes of what the forward keeps for the backward: the numerator's gradient [N, T] and the row weights [N]
-    (seq-mean-token-mean only); [0] where not needed."""
-    row_mean = need_grad and config.loss_agg == "seq-mean-token-mean"
-    return ((N, T) if need_grad else (0,)), ((N,) if row_mean else (0,))
-
-
-def _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, config, cfg: _LossCfg,
+def _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, cfg: _LossCfg,
             need_grad: bool, metrics: torch.Tensor, kl_metrics: torch.Tensor | None):
-    """Runs the core's policy loss; returns (loss, nonfinite [5], grad_num [N, T] or [0], row_w [N] or [0], denom)."""
+    """Runs the core's policy loss; returns (loss, nonfinite [5], grad [N, T] or [0])."""
     N, T = logprobs.shape
     f32 = dict(dtype=torch.float32)
     loss, denom = torch.empty((), **f32), torch.empty((), **f32)
     nonfinite = torch.empty(len(_NONFINITE), dtype=torch.int64)
-    grad_shape, row_w_shape = _saved_shapes(N, T, config, need_grad)
-    grad, row_w = torch.empty(grad_shape, **f32), torch.empty(row_w_shape, **f32)
+    grad = torch.empty((N, T) if need_grad else (0,), **f32)
     rc = lib.hadw_cpu_policy_loss(
         N, T, _view(logprobs), _view(old_logprobs), _view(ref_logprobs), _view(mask), _view(advantages),
-        _view(rollout_is_weights), cfg, _ptr(grad) if grad.numel() else None,
-        _ptr(row_w) if row_w.numel() else None, _ptr(loss), _ptr(denom), _ptr(metrics),
+        _view(rollout_is_weights), cfg, _ptr(grad) if need_grad else None, _ptr(loss), _ptr(denom), _ptr(metrics),
         _ptr(kl_metrics) if kl_metrics is not None else None, _ptr(nonfinite), torch.get_num_threads())
     _check(rc, "policy loss")
-    return loss, nonfinite, grad, row_w, denom
+    return loss, nonfinite, grad
+
+
+def _scale(grad: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """out = grad * scale, rounded to out's dtype (out may be grad)."""
+    N, T = grad.shape
+    rc = _lib().hadw_cpu_scale_grad(N, T, _ptr(grad), scale, _ptr(out), _DTYPES[out.dtype], torch.get_num_threads())
+    _check(rc, "backward")
+    return out
 
 
 # -- the implementations (shared by the custom ops and the eager path) --------------------------------------------
@@ -206,10 +207,9 @@ def _policy_loss_impl(logprobs, old_logprobs, advantages, mask, ref_logprobs, ro
     metrics = torch.empty(len(metric_names(advantages=False, kl=has_ref)), dtype=torch.float32)
     cfg = _loss_cfg(config, has_ref=has_ref, adv_per_row=advantages.dim() == 1, normalizer=normalizer,
                     T=logprobs.shape[1])
-    loss, nonfinite, grad, row_w, denom = _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs,
-                                                  rollout_is_weights, config, cfg, need_grad, metrics,
-                                                  metrics[-2:] if has_ref else None)
-    return loss, metrics, nonfinite, grad, row_w, denom
+    loss, nonfinite, grad = _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+                                    cfg, need_grad, metrics, metrics[-2:] if has_ref else None)
+    return loss, metrics, nonfinite, grad
 
 
 def _loss_impl(logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normalizer, group_size: int,
@@ -226,22 +226,9 @@ def _loss_impl(logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, norm
                                  _ptr(phi), _ptr(metrics[first_adv:]))
     _check(rc, "advantages")
     cfg = _loss_cfg(config, has_ref=has_ref, adv_per_row=True, normalizer=normalizer, T=T)
-    loss, nonfinite, grad, row_w, denom = _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs, None,
-                                                  config, cfg, need_grad, metrics, metrics[-2:] if has_ref else None)
-    return loss, metrics, nonfinite, advantages, phi, grad, row_w, denom
-
-
-def _backward_impl(grad_loss, grad_num, row_w, denom, dtype: torch.dtype) -> torch.Tensor:
-    """`native_loss_backward`'s output."""
-    if grad_num.dim() != 2:
-        raise RuntimeError("hadw_kernels native loss: backward through a forward run without need_grad")
-    N, T = grad_num.shape
-    out = torch.empty((N, T), dtype=dtype)
-    scale = float(grad_loss) / float(denom)
-    rc = _lib().hadw_cpu_scale_grad(N, T, _ptr(grad_num), _ptr(row_w) if row_w.numel() else None, scale, _ptr(out),
-                                    _DTYPES[dtype], torch.get_num_threads())
-    _check(rc, "backward")
-    return out
+    loss, nonfinite, grad = _policy(lib, logprobs, old_logprobs, advantages, mask, ref_logprobs, None, cfg,
+                                    need_grad, metrics, metrics[-2:] if has_ref else None)
+    return loss, metrics, nonfinite, advantages, phi, grad
 
 
 # -- the custom ops (what a caller's torch.compile sees) ------------------------------------------------------------
@@ -256,11 +243,11 @@ def native_policy_loss(
     normalizer: torch.Tensor | None,
     config_json: str,
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy loss on precomputed advantages ([N] or [N, T]): (loss, metrics [9 or 11] in
-    `metric_names(advantages=False, kl=...)` order, nonfinite [5] int64 (`_NONFINITE` order), and what the backward
-    reads: grad_num [N, T] fp32, row_w [N] fp32 (seq-mean-token-mean; else [0]) and denom; grad_num and row_w are
-    [0] without need_grad). Differentiable w.r.t. logprobs only."""
+    `metric_names(advantages=False, kl=...)` order, nonfinite [5] int64 (`_NONFINITE` order), grad [N, T] fp32 =
+    dL/dlogprobs for an upstream gradient of 1 (saved for the backward; [0] without need_grad)). Differentiable
+    w.r.t. logprobs only."""
     return _policy_loss_impl(logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, normalizer,
                              config_from_json(config_json), need_grad)
 
@@ -268,14 +255,11 @@ def native_policy_loss(
 @native_policy_loss.register_fake
 def _(logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, normalizer, config_json,
       need_grad):
-    N, T = logprobs.shape
     f32 = dict(dtype=torch.float32, device=logprobs.device)
     n_metrics = len(metric_names(advantages=False, kl=ref_logprobs is not None))
-    grad_shape, row_w_shape = _saved_shapes(N, T, config_from_json(config_json), need_grad)
     return (logprobs.new_empty((), **f32), logprobs.new_empty((n_metrics,), **f32),
             logprobs.new_empty((len(_NONFINITE),), dtype=torch.int64, device=logprobs.device),
-            logprobs.new_empty(grad_shape, **f32), logprobs.new_empty(row_w_shape, **f32),
-            logprobs.new_empty((), **f32))
+            logprobs.new_empty(logprobs.shape if need_grad else (0,), **f32))
 
 
 @torch.library.custom_op("hadw_kernels::native_loss", mutates_args=())
@@ -290,53 +274,51 @@ def native_loss(
     group_size: int,
     config_json: str,
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused whole batch: advantages of contiguous groups of `group_size` rows, then the policy loss. Returns
     (loss, metrics [14 or 16] in `metric_names(advantages=True, kl=...)` order, nonfinite [5] int64, advantages [N],
-    phi [N], grad_num, row_w, denom (as `native_policy_loss`)). Differentiable w.r.t. logprobs only."""
+    phi [N], grad (as `native_policy_loss`)). Differentiable w.r.t. logprobs only."""
     return _loss_impl(logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normalizer, group_size,
                       config_from_json(config_json), need_grad)
 
 
 @native_loss.register_fake
 def _(logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normalizer, group_size, config_json, need_grad):
-    N, T = logprobs.shape
+    N = logprobs.shape[0]
     f32 = dict(dtype=torch.float32, device=logprobs.device)
     n_metrics = len(metric_names(advantages=True, kl=ref_logprobs is not None))
-    grad_shape, row_w_shape = _saved_shapes(N, T, config_from_json(config_json), need_grad)
     return (logprobs.new_empty((), **f32), logprobs.new_empty((n_metrics,), **f32),
             logprobs.new_empty((len(_NONFINITE),), dtype=torch.int64, device=logprobs.device),
             logprobs.new_empty((N,), **f32), logprobs.new_empty((N,), **f32),
-            logprobs.new_empty(grad_shape, **f32), logprobs.new_empty(row_w_shape, **f32),
-            logprobs.new_empty((), **f32))
+            logprobs.new_empty(logprobs.shape if need_grad else (0,), **f32))
 
 
 @torch.library.custom_op("hadw_kernels::native_loss_backward", mutates_args=())
-def native_loss_backward(grad_loss: torch.Tensor, grad_num: torch.Tensor, row_w: torch.Tensor, denom: torch.Tensor,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """dL/dlogprobs [N, T] in `dtype`: grad_num[i, t] * row_w[i] (when given) * grad_loss / denom, rounded once."""
-    return _backward_impl(grad_loss, grad_num, row_w, denom, dtype)
+def native_loss_backward(grad_loss: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dL/dlogprobs [N, T] in `dtype`: the forward's gradient times the upstream gradient, rounded once."""
+    if grad.dim() != 2:
+        raise RuntimeError("hadw_kernels native loss: backward through a forward run without need_grad")
+    return _scale(grad, float(grad_loss), torch.empty(grad.shape, dtype=dtype))
 
 
 @native_loss_backward.register_fake
-def _(grad_loss, grad_num, row_w, denom, dtype):
-    return torch.empty(grad_num.shape, dtype=dtype, device=grad_num.device)
+def _(grad_loss, grad, dtype):
+    return torch.empty(grad.shape, dtype=dtype, device=grad.device)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[-3:])  # grad_num, row_w, denom
+    ctx.save_for_backward(output[-1])  # the gradient
     ctx.dtype = inputs[0].dtype
-    # Only the loss is differentiable; without this, autograd would zero-fill a [N, T] gradient for grad_num on
-    # every backward (measured: more time than the kernel's own backward).
+    # Only the loss is differentiable; without this, autograd would zero-fill a [N, T] gradient for the saved
+    # gradient output on every backward (measured: more time than the kernel's own backward).
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused_output_grads):
-    grad_num, row_w, denom = ctx.saved_tensors
-    grad = native_loss_backward(grad_loss, grad_num, row_w, denom, ctx.dtype) if ctx.needs_input_grad[0] else None
-    return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+    (grad,) = ctx.saved_tensors
+    out = native_loss_backward(grad_loss, grad, ctx.dtype) if ctx.needs_input_grad[0] else None
+    return (out,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 native_policy_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -344,20 +326,36 @@ native_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _Eager(torch.autograd.Function):
-    """The same ops for eager callers: the same implementations, saved tensors and backward, without
-    torch.library's per-call dispatch (measured at 64 x 32: ~0.3 of the ~0.7 ms a call took)."""
+    """The same ops for eager callers: the same implementations, without torch.library's per-call dispatch (at
+    64 x 32: ~0.3 of the ~0.7 ms a call took), and a backward that hands the forward's gradient buffer to autograd
+    instead of copying it (at 1M tokens the copy was 8 of ~24 bytes moved per token). The inputs are saved, so a
+    second backward through a retained graph recomputes the gradient (and in-place changes to them are caught)."""
 
     @staticmethod
     def forward(ctx, impl, logprobs, *args):
         output = impl(logprobs, *args)
-        _setup_context(ctx, (logprobs,), output)
-        return output
+        ctx.impl, ctx.dtype, ctx.args = impl, logprobs.dtype, args
+        ctx.save_for_backward(logprobs, *(a for a in args if isinstance(a, torch.Tensor)))
+        ctx.grad = output[-1]  # not saved: the first backward gives it away
+        ctx.mark_non_differentiable(*output[1:-1])
+        ctx.set_materialize_grads(False)
+        return output[:-1]
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused_output_grads):
-        grad_num, row_w, denom = ctx.saved_tensors
-        grad = _backward_impl(grad_loss, grad_num, row_w, denom, ctx.dtype) if ctx.needs_input_grad[1] else None
-        return (None, grad) + (None,) * (len(ctx.needs_input_grad) - 2)
+        nothing = (None,) * (len(ctx.needs_input_grad) - 2)
+        saved = ctx.saved_tensors  # checks that no input was changed in place since the forward
+        if not ctx.needs_input_grad[1]:
+            return (None, None) + nothing
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward through a retained graph
+            it = iter(saved[1:])
+            args = [next(it) if isinstance(a, torch.Tensor) else a for a in ctx.args]
+            grad = ctx.impl(saved[0], *args)[-1]
+        scale = float(grad_loss)
+        if ctx.dtype == torch.float32:
+            return (None, grad if scale == 1.0 else _scale(grad, scale, grad)) + nothing
+        return (None, _scale(grad, scale, torch.empty(grad.shape, dtype=ctx.dtype))) + nothing
 
 
 # -- what hadw_kernels.loss calls ---------------------------------------------------------------------------------
