@@ -4,6 +4,7 @@
     python -m bench --devices cpu --shape 2048 512 8 --modes full --providers naive,reference,compiled
     python -m bench --devices cpu --mask float        # verl's and TRL's float mask
     python -m bench --devices cuda --dtype bf16 --json $OUT/bench.json
+    python -m bench --op from_hidden --devices cpu --shape 2 512 256 --shape 8 512 256   # N T H, two token counts
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 from bench.harness import DTYPES, MODES, format_table, report, run_device, write_json
 
-OPS = {"hadw_loss": "bench.hadw_loss_bench", "policy_loss": "bench.policy_loss_bench"}
+OPS = {"hadw_loss": "bench.hadw_loss_bench", "policy_loss": "bench.policy_loss_bench",
+       "from_hidden": "bench.from_hidden_bench"}
 """Op name -> the module implementing it for the harness (see `bench.harness`)."""
 
 
@@ -38,13 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--op", choices=sorted(OPS), default="hadw_loss", help="the op to benchmark (default hadw_loss)")
     p.add_argument("--devices", type=_csv(("cpu", "cuda")), default=None,
                    help="comma list; default: cpu, plus cuda when available")
-    p.add_argument("--shape", type=int, nargs=3, metavar=("N", "T", "G"), default=None,
-                   help="rows, tokens per row, group size (default per device: the op's DEFAULT_SHAPES)")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("N", "T", "G"), default=None, action="append",
+                   help="rows, tokens per row, group size (from_hidden: hidden size); repeat for several shapes "
+                        "(default per device: the op's DEFAULT_SHAPES)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="logprobs dtype (default fp32)")
     p.add_argument("--preset", choices=("grpo", "dapo", "gspo", "dr_grpo"), default="grpo")
     p.add_argument("--kl", action="store_true", help="add ref_logprobs and kl_coef=0.01 (k3)")
     p.add_argument("--mask", choices=("bool", "float"), default="bool", help="dtype of the [N, T] mask")
-    p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma list of fwd,bwd,full")
+    p.add_argument("--modes", type=_csv(MODES), default=None, help="comma list of fwd,bwd,full (default: the op's)")
     p.add_argument("--providers", type=str, default=None,
                    help="comma list (default all of the op's; unavailable ones are listed as skipped)")
     p.add_argument("--reps", type=int, default=None, help="timed reps, median reported (default CPU 7, CUDA 50)")
@@ -66,20 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         p.error("--devices cuda: no CUDA device is visible")
     results = []
+    modes = args.modes or list(getattr(op, "MODES", MODES))
     for dev in devices:
         device = torch.device(dev)
-        shape = tuple(args.shape) if args.shape else op.DEFAULT_SHAPES[dev]
+        default = op.DEFAULT_SHAPES[dev]  # one shape, or a list of them
+        shapes = [tuple(s) for s in args.shape] if args.shape else (
+            [default] if isinstance(default[0], int) else list(default))
         reps = args.reps or (7 if dev == "cpu" else 50)
         warmup = args.warmup if args.warmup is not None else (2 if dev == "cpu" else 10)
-        inp = op.make_inputs(*shape, dtype=DTYPES[args.dtype], device=device, preset=args.preset, kl=args.kl,
-                             mask=args.mask)
-        rep = run_device(op, inp, device, args.modes, provider_names, reps, warmup, memory=not args.no_memory,
-                         log=lambda s: print(s, file=sys.stderr, flush=True))
-        del inp
-        gc.collect()
-        results.append(rep)
-        print(format_table(rep), flush=True)
-        print(flush=True)
+        for shape in shapes:
+            inp = op.make_inputs(*shape, dtype=DTYPES[args.dtype], device=device, preset=args.preset, kl=args.kl,
+                                 mask=args.mask)
+            rep = run_device(op, inp, device, modes, provider_names, reps, warmup, memory=not args.no_memory,
+                             log=lambda s: print(s, file=sys.stderr, flush=True))
+            del inp
+            gc.collect()
+            results.append(rep)
+            print(format_table(rep), flush=True)
+            if hasattr(op, "format_extra"):  # an op's own summary (e.g. tokens/s and its targets)
+                print(flush=True)
+                print(op.format_extra(rep), flush=True)
+            print(flush=True)
     data = report(results)
     print(f"commit {data['commit']}{' (dirty tree)' if data['dirty'] else ''}, torch {data['torch']}, "
           f"triton {data['triton']}")

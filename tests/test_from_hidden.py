@@ -564,6 +564,34 @@ def test_chunk_temporaries_stay_within_the_budget(budget_tokens, vocab, monkeypa
     assert max(sizes) < c["mask"].sum().item() * 150 * 8  # far below the whole logits
 
 
+@pytest.mark.slow
+def test_compiled_chunk_reductions(monkeypatch):
+    """The elementwise work of large chunks runs compiled (COMPILE_MIN_ELEMENTS, lowered here): the same numbers as
+    eager, in both strategies and with the entropy gradient."""
+    monkeypatch.setattr(fh, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fh, "MIN_CHUNK_TOKENS", 1)
+    monkeypatch.delenv("HADW_KERNELS_NO_COMPILE", raising=False)
+    calls = []
+    orig = fh._compiled
+    monkeypatch.setattr(fh, "_compiled", lambda fn: calls.append(fn.__name__) or orig(fn))
+    c = make_case(dtype=torch.float32, H=16, V=300, seed=28)
+    out = ours(c, LossConfig.dapo(), memory_budget=4 * 300 * 4)
+    lp, ent = fused_linear_logprobs(c["hidden"], c["weight"], c["ids"], bias=c["bias"], mask=c["mask"],
+                                    memory_budget=4 * 128 * 4)
+    ref, _, _ = reference_loss(c, LossConfig.dapo())
+    rlp, rent = reference(c["hidden"], c["weight"], c["bias"], c["ids"], c["mask"])
+    assert not fh._COMPILE_FAILED
+    assert {"_row_sums", "_scaled_exp_"} <= set(calls)
+    assert_close(out.loss, ref.loss, 2e-6, "loss")
+    for name, a, b in zip(("hidden", "weight", "bias"), grads(out.loss, c), grads(ref.loss, c), strict=True):
+        assert_close(a, b, 5e-5, f"grad {name}")
+    assert_close(lp, rlp, 2e-6, "logprobs")
+    got, want = grads((lp + 0.5 * ent).sum(), c), grads((rlp + 0.5 * rent).sum(), c)
+    assert "_dlogits_entropy_" in calls
+    for name, a, b in zip(("hidden", "weight", "bias"), got, want, strict=True):
+        assert_close(a, b, 5e-5, f"grad {name} (log-probs and entropy)")
+
+
 # -- the custom op ------------------------------------------------------------------------------------------------
 def test_opcheck():
     c = make_case(N=2, T=3, H=4, V=20, seed=25, masked_rows=(), dtype=torch.float32)

@@ -173,6 +173,9 @@ class TritonChunkOps:
     """The chunk primitives of `hadw_kernels.from_hidden` on the Triton kernels (fp32 compute; float64 never comes
     here). Buffers are fresh tensors: on CUDA the caching allocator reuses them."""
 
+    vocab_major = True
+    """dlogits / one_pass return dzT [Vb, C] (the kernels' coalesced layout); the driver uses its transpose."""
+
     def __init__(self, compute: torch.dtype):
         if compute != torch.float32:
             raise ValueError(f"the Triton path computes in float32, got {compute}")
