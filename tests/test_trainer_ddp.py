@@ -12,17 +12,17 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from hadw_trainer.config import apply_overrides  # noqa: E402
+from hadw_trainer.recipes import get_recipe  # noqa: E402
 from hadw_trainer.sft import warmup  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "trainer"))
-from trainer_tiny import tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
 
 def test_ddp_two_gloo_ranks_share_the_anchor(tmp_path):
     cache, out = str(tmp_path / "cache"), str(tmp_path / "run")
-    warmup(tiny_config(cache), lambda *_: None)  # build the base model once, outside the timed launch
+    # build the base model once, outside the timed launch
+    warmup(apply_overrides(get_recipe("smoke"), [f"sft.cache_dir={cache}"]), lambda *_: None)
     worker = os.path.join(os.path.dirname(__file__), "trainer", "ddp_worker.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, cache, out]

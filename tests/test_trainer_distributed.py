@@ -32,9 +32,11 @@ from hadw_trainer.loop import train  # noqa: E402
 from hadw_trainer.sft import warmup  # noqa: E402
 
 HERE = os.path.join(os.path.dirname(__file__), "trainer")
-sys.path.insert(0, HERE)
-from dist_worker import FIXED, VARIANTS, FixedRollout  # noqa: E402
-from trainer_tiny import tiny_config, tiny_overrides  # noqa: E402
+# the worker script's fixed-batch settings and engine, loaded from its file (torchrun runs the same file)
+_spec = importlib.util.spec_from_file_location("dist_worker", os.path.join(HERE, "dist_worker.py"))
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+FIXED, VARIANTS, FixedRollout, tiny_config = worker.FIXED, worker.VARIANTS, worker.FixedRollout, worker.tiny_config
 
 pytestmark = pytest.mark.distributed
 
@@ -46,7 +48,7 @@ RESUMABLE = [b for b in ("ddp", "fsdp2", "zero2", "zero3") if b in BACKENDS]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0"}
 
 
-def _torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -70,7 +72,7 @@ def _rank(out: str, run: str, r: int) -> dict:
 
 
 def _rows(run_dir: str) -> list[dict]:
-    from hadw_trainer.logger import TIMING_KEYS
+    from hadw_trainer.observe.logger import TIMING_KEYS
 
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
@@ -134,10 +136,11 @@ def test_sharded_checkpoint_resumes_exactly(runs, backend):
 def test_torchrun_restart_after_a_killed_rank_loses_no_step(runs, tmp_path):
     out, cache = runs
     run = str(tmp_path / "crash")
-    sets = [*tiny_overrides(cache), "train.max_steps=3", "checkpoint.every=2", "eval.every=2", "parallel.timeout_s=120"]
+    sets = [f"sft.cache_dir={cache}", "train.max_steps=3", "checkpoint.every=2", "eval.every=2",
+            "parallel.timeout_s=120"]
     ENV["HADW_TEST_CRASH"] = "1:3"  # rank 1 exits hard at the start of step 3, on the first start only
     try:
-        proc = _torchrun(["--max-restarts=1", "-m", "hadw_trainer", "--backend", "fsdp2", "--recipe", "tiny-arith",
+        proc = _torchrun(["--max-restarts=1", "-m", "hadw_trainer", "--backend", "fsdp2", "--recipe", "smoke",
                           "--output-dir", run, "--set", *sets])
     finally:
         del ENV["HADW_TEST_CRASH"]

@@ -13,12 +13,14 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hadw_trainer import checkpoint as ckpt  # noqa: E402
 from hadw_trainer.config import ConfigError, apply_overrides  # noqa: E402
+from hadw_trainer.parallel import checkpoint as ckpt  # noqa: E402
 from hadw_trainer.recipes import get_recipe  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "trainer"))
-from trainer_tiny import tiny_config  # noqa: E402
+
+def tiny_config(cache: str, *overrides: str):
+    """The `smoke` recipe with its base model cached under `cache`."""
+    return apply_overrides(get_recipe("smoke"), [f"sft.cache_dir={cache}", *overrides])
 
 
 def _invalid(*overrides: str, world_size: int = 1) -> str:
@@ -77,11 +79,11 @@ def test_resume_refuses_another_backends_checkpoint(tmp_path):
 
 
 def test_vllm_engine_wiring(tmp_path, monkeypatch):
-    """rollout.engine=vllm: the loop imports hadw_trainer.rollout_vllm only then, builds VLLMRollout from the policy
-    with the config's settings, sleeps it after each rollout, pushes weights after every update and closes it. The
-    stand-in generates with HF, so the run must equal an HF-engine run exactly."""
+    """rollout.engine=vllm: the loop imports hadw_trainer.rollout.vllm_engine only then, builds VLLMRollout from the
+    policy with the config's settings, sleeps it after each rollout, pushes weights after every update and closes it.
+    The stand-in generates with HF, so the run must equal an HF-engine run exactly."""
     from hadw_trainer.loop import train
-    from hadw_trainer.rollout import HFRollout
+    from hadw_trainer.rollout.hf_engine import HFRollout
 
     calls: dict = {"init": [], "sync": 0, "close": 0, "sleep": 0}
 
@@ -100,7 +102,8 @@ def test_vllm_engine_wiring(tmp_path, monkeypatch):
         def sleep(self):
             calls["sleep"] += 1
 
-    monkeypatch.setitem(sys.modules, "hadw_trainer.rollout_vllm", types.SimpleNamespace(VLLMRollout=FakeVLLMRollout))
+    monkeypatch.setitem(sys.modules, "hadw_trainer.rollout.vllm_engine",
+                        types.SimpleNamespace(VLLMRollout=FakeVLLMRollout))
     cache = str(tmp_path / "cache")
     common = ("train.max_steps=2", "eval.k=0")
     res = train(tiny_config(cache, *common, "rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.5"),

@@ -1,5 +1,6 @@
-"""End-to-end trainer runs on a tiny model: golden losses, exact resume, corrupt checkpoints, micro-batch
-invariance, the CLI and the math (math-verify) pipeline. Each run takes a few seconds on one CPU thread."""
+"""End-to-end trainer runs of the `smoke` recipe (a 60k-parameter tiny-arith): golden losses, exact resume, corrupt
+checkpoints, micro-batch invariance, the CLI and the math (math-verify) pipeline. Each run takes a few seconds on
+one CPU thread."""
 
 from __future__ import annotations
 
@@ -16,15 +17,19 @@ pytest.importorskip("safetensors")
 
 import torch  # noqa: E402
 
-from hadw_trainer import checkpoint as ckpt  # noqa: E402
-from hadw_trainer.logger import TIMING_KEYS  # noqa: E402
+from hadw_trainer.config import apply_overrides  # noqa: E402
 from hadw_trainer.loop import train  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "trainer"))
-from trainer_tiny import tiny_config, tiny_overrides  # noqa: E402
+from hadw_trainer.observe.logger import TIMING_KEYS  # noqa: E402
+from hadw_trainer.parallel import checkpoint as ckpt  # noqa: E402
+from hadw_trainer.recipes import get_recipe  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "trainer_tiny_3steps.json")
 GOLDEN_KEYS = ("loss", "reward_mean", "anchor_prior", "phi_mean", "grad_norm", "adv_abs_mean", "response_len_mean")
+
+
+def tiny_config(cache: str, *overrides: str):
+    """The `smoke` recipe with its base model cached under `cache`."""
+    return apply_overrides(get_recipe("smoke"), [f"sft.cache_dir={cache}", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +54,16 @@ def _metrics(run_dir):
 
 
 def test_golden_losses(cache, tmp_path):
+    """The smoke recipe's first 3 steps against the committed golden file. A missing file fails; the file is only
+    written when asked (HADW_UPDATE_GOLDEN=1), deliberately, when the recipe or the task changes."""
     train(tiny_config(cache), str(tmp_path))
     got = [{k: r[k] for k in ("step", *GOLDEN_KEYS)} for r in _metrics(tmp_path)]
-    if os.environ.get("HADW_UPDATE_GOLDEN") or not os.path.exists(GOLDEN):
-        os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    if os.environ.get("HADW_UPDATE_GOLDEN") == "1":
         with open(GOLDEN, "w") as f:
-            json.dump({"overrides": tiny_overrides("<cache>"), "steps": got}, f, indent=1)
-        pytest.skip(f"wrote {GOLDEN}")
+            json.dump({"recipe": "smoke", "steps": got}, f, indent=1)
+        pytest.skip(f"HADW_UPDATE_GOLDEN=1: wrote {GOLDEN}; review and commit it, saying why it changed")
+    assert os.path.exists(GOLDEN), f"{GOLDEN} is missing: restore it from git, or regenerate it deliberately with " \
+                                   f"HADW_UPDATE_GOLDEN=1 (and say why in the commit)"
     with open(GOLDEN) as f:
         want = json.load(f)["steps"]
     assert len(got) == len(want) == 3
@@ -129,9 +137,30 @@ def test_micro_batch_invariance(cache, tmp_path):
         assert a["metrics"][k] == pytest.approx(b["metrics"][k], rel=1e-5, abs=1e-7), k
 
 
+def test_collectives_per_step(cache, tmp_path, monkeypatch):
+    """What crosses ranks in a step: one gather of the rewards, one all-reduce of the loss normaliser per optimizer
+    step, and one all-reduce of the metrics (counted on one process, where each is the identity)."""
+    from hadw_trainer.parallel import process_group
+
+    calls = {"gather": 0, "sum": 0}
+
+    def count(name, fn):
+        def wrapped(t):
+            calls[name] += 1
+            return fn(t)
+        return wrapped
+
+    monkeypatch.setattr(process_group, "all_gather_rows", count("gather", process_group.all_gather_rows))
+    monkeypatch.setattr(process_group, "all_reduce_sum", count("sum", process_group.all_reduce_sum))
+    res = train(tiny_config(cache, "train.max_steps=2", "eval.greedy=false", "eval.k=0"), str(tmp_path))
+    steps = 2
+    assert res["metrics"]["optimizer_steps"] == 2  # 8 prompts per step, 4 per optimizer step
+    assert calls == {"gather": steps, "sum": steps * (2 + 1)}
+
+
 def test_dynamic_sampling_and_ema_anchor_run(cache, tmp_path):
     res = train(tiny_config(cache, "train.max_steps=2", "rollout.dynamic_sampling=true", "rollout.max_refill_rounds=1",
-                            "algo.anchor_mode=ema", "algo.loss=dapo", "rollout.overlong_buffer=1"), str(tmp_path))
+                            "algo.anchor.mode=ema", "algo.preset=dapo", "rollout.overlong_buffer=1"), str(tmp_path))
     m = res["metrics"]
     assert m["anchor_eta"] is not None and 0 <= m["anchor_eta"] <= 1
     assert m["responses_generated"] >= 32 and "dropped_groups" in m
@@ -139,9 +168,8 @@ def test_dynamic_sampling_and_ema_anchor_run(cache, tmp_path):
 
 def test_cli_end_to_end(cache, tmp_path):
     out = str(tmp_path / "run")
-    sets = [s for s in tiny_overrides(cache) if not s.startswith(("train.plots", "train.tensorboard"))]
-    cmd = [sys.executable, "-m", "hadw_trainer", "--recipe", "tiny-arith", "--output-dir", out, "--max-steps", "2",
-           "--seed", "1", "--set", *sets]
+    cmd = [sys.executable, "-m", "hadw_trainer", "--recipe", "smoke", "--output-dir", out, "--max-steps", "2",
+           "--seed", "1", "--set", f"sft.cache_dir={cache}", "train.plots=true", "train.tensorboard=true"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,7 +177,8 @@ def test_cli_end_to_end(cache, tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("step", "world_size", "reward_mean", "reward_by_level", "anchor_prior", "anchor_eta", "loss",
-                "phi_mean", "clipfrac", "approx_kl", "response_len_mean", "degenerate_group_frac", "tokens_per_s"):
+                "phi_mean", "clipfrac", "approx_kl", "response_len_mean", "degenerate_group_frac", "entropy",
+                "tokens_per_s"):
         assert key in rows[0], key
     ev = json.load(open(os.path.join(out, "eval.json")))
     assert set(ev["final"]["greedy"]) == {"level_1", "level_2", "overall"} and "avg@2" in ev["final"]
@@ -157,7 +186,7 @@ def test_cli_end_to_end(cache, tmp_path):
     for name in ("plots/reward.png", "plots/accuracy_by_level.png", "checkpoints/step_2/manifest.json",
                  "config.json"):
         assert os.path.exists(os.path.join(out, name)), name
-    if pytest.importorskip is not None and _has("tensorboard"):
+    if _has("tensorboard"):
         assert os.listdir(os.path.join(out, "tb"))
     # compare, in-process (same entry point)
     from hadw_trainer.cli import main

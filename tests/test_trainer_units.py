@@ -10,17 +10,24 @@ pytest.importorskip("transformers")
 
 from hadw_trainer.cli import main as cli_main  # noqa: E402
 from hadw_trainer.config import ConfigError, apply_overrides  # noqa: E402
+from hadw_trainer.data.rewards import exact_match, last_boxed, math_verify_reward, overlong_penalty  # noqa: E402
+from hadw_trainer.data.tasks import (  # noqa: E402
+    ARITH_LEVELS,
+    ArithTask,
+    PromptSource,
+    load_jsonl,
+    shipped_math_sample,
+)
 from hadw_trainer.recipes import RECIPES, get_recipe  # noqa: E402
-from hadw_trainer.rewards import exact_match, last_boxed, math_verify_reward, overlong_penalty  # noqa: E402
-from hadw_trainer.tasks import ARITH_LEVELS, ArithTask, PromptSource, load_jsonl, shipped_math_sample  # noqa: E402
 
 
 # -- config ------------------------------------------------------------------------------------------------------
 def test_every_recipe_builds_and_tiny_validates():
     for name in RECIPES:
         cfg = get_recipe(name)
-        assert cfg.recipe == name or name == "tiny-arith"
+        assert cfg.recipe == name
     get_recipe("tiny-arith").validate()
+    get_recipe("smoke").validate()
     assert "qwen3-4b-base-grpo-hadw" in RECIPES and "llama3.2-3b-instruct-dapo" in RECIPES
 
 
@@ -30,20 +37,50 @@ def test_unknown_recipe_lists_valid_ones():
 
 
 def test_overrides_parse_types():
-    cfg = apply_overrides(get_recipe("tiny-arith"), ["algo.lambda_scale=1.5", "algo.hadw=false", "task.levels=1,3",
-                                                     "model.path=none", "algo.clip_high=0.28"])
-    assert cfg.algo.lambda_scale == 1.5 and cfg.algo.hadw is False and cfg.task.levels == (1, 3)
-    assert cfg.model.path is None and cfg.algo.clip_high == 0.28
-    assert cfg.algo.loss_config().clip_high == 0.28
+    cfg = apply_overrides(get_recipe("tiny-arith"), ["algo.loss.lambda_scale=1.5", "algo.loss.hadw=false",
+                                                     "task.levels=1,3", "model.path=none", "algo.loss.clip_high=0.28",
+                                                     "algo.loss.clip_ratio_c=3", "algo.loss.norm_len=none",
+                                                     "algo.anchor.mode=ema", "algo.anchor.init=0.4"])
+    assert cfg.algo.loss == {"lambda_scale": 1.5, "hadw": False, "clip_high": 0.28, "clip_ratio_c": 3.0,
+                             "norm_len": None}
+    assert cfg.task.levels == (1, 3) and cfg.model.path is None
+    loss = cfg.algo.loss_config()
+    assert (loss.lambda_scale, loss.hadw, loss.clip_high, loss.clip_ratio_c) == (1.5, False, 0.28, 3.0)
+    anchor = cfg.algo.build_anchor()
+    assert (anchor.mode, anchor.init, anchor.window) == ("ema", 0.4, 10)
+
+
+def test_loss_and_anchor_come_from_the_library():
+    """Every LossConfig field and DifficultyAnchor argument is a --set key, and an empty override gives the library's
+    own defaults (no default is restated in the trainer)."""
+    import dataclasses
+    import inspect
+
+    from hadw_kernels import DifficultyAnchor, LossConfig
+    from hadw_trainer.config import AlgoConfig, valid_keys
+
+    keys = set(valid_keys())
+    assert {f"algo.loss.{f.name}" for f in dataclasses.fields(LossConfig)} <= keys
+    args = [n for n in inspect.signature(DifficultyAnchor).parameters if n != "process_group"]
+    assert {f"algo.anchor.{n}" for n in args} <= keys
+    algo = AlgoConfig()
+    assert algo.loss_config() == LossConfig.grpo() and algo.backend == "auto"
+    assert algo.build_anchor().state_dict() == DifficultyAnchor().state_dict()
+    for preset in ("grpo", "dapo", "gspo"):
+        assert AlgoConfig(preset=preset).loss_config() == LossConfig.preset(preset)
 
 
 @pytest.mark.parametrize("item, match", [
-    ("algo.lamda_scale=1.5", r"unknown key 'algo.lamda_scale' \(did you mean 'algo.lambda_scale'\?\)"),
+    ("algo.loss.lamda_scale=1.5", r"unknown key 'algo.loss.lamda_scale' \(did you mean 'algo.loss.lambda_scale'\?\)"),
+    ("algo.lambda_scale=1.5", r"did you mean 'algo.loss.lambda_scale'"),
+    ("algo.anchor.windw=3", r"did you mean 'algo.anchor.window'"),
+    ("algo.loss=dapo", "unknown key 'algo.loss'"),
     ("nosection.x=1", "unknown key"),
-    ("algo.lambda_scale=big", "expected float"),
+    ("algo.loss.lambda_scale=big", "expected float"),
     ("train.max_steps=1.5", "expected int"),
-    ("algo.hadw=maybe", "expected bool"),
-    ("algo.hadw", "section.field=value"),
+    ("algo.loss.hadw=maybe", "expected bool"),
+    ("algo.anchor.window=2.5", "expected int"),
+    ("algo.preset", "section.field=value"),
 ])
 def test_bad_overrides(item, match):
     with pytest.raises(ConfigError, match=match):
@@ -54,12 +91,16 @@ def test_bad_overrides(item, match):
     (["rollout.group_size=1"], "group_size=1 must be >= 2"),
     (["algo.mini_batch_prompts=7"], "not divisible by algo.mini_batch_prompts=7"),
     (["algo.micro_batch_prompts=3"], "not divisible by algo.micro_batch_prompts=3"),
-    (["algo.loss=ppo"], "algo.loss='ppo' is not valid; choose one of grpo, dapo, gspo, dr_grpo"),
-    (["algo.anchor_mode=median"], "anchor_mode"),
+    (["algo.preset=ppo"], "algo.preset='ppo' is not valid; choose one of grpo, dapo, gspo, dr_grpo"),
+    (["algo.anchor.mode=median"], "algo.anchor: DifficultyAnchor: unknown mode 'median'"),
+    (["algo.anchor.window=0"], "window must be an int >= 1"),
+    (["algo.loss.clip_ratio_c=0.5"], "clip_ratio_c"),
+    (["algo.preset=dr_grpo"], "set algo.loss.norm_len"),
+    (["algo.backend=cuda"], "algo.backend='cuda' is not valid"),
     (["task.name=jsonl"], "task.path"),
     (["task.levels=0,6"], "subset of 1,2,3,4,5"),
     (["task.reward=math_verify"], "exact match"),
-    (["algo.clip_low=1.5"], "clip_low"),
+    (["algo.loss.clip_low=1.5"], "clip_low"),
     (["model.path=/some/model"], "sft.steps > 0"),
     (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
 ])
@@ -80,7 +121,7 @@ def test_world_size_divisibility():
 def test_cli_reports_config_errors(capsys):
     assert cli_main(["--recipe", "nope", "--output-dir", "/tmp/x"]) == 2
     assert "valid recipes" in capsys.readouterr().err
-    assert cli_main(["show", "--recipe", "tiny-arith", "--set", "algo.lambda_scale=x"]) == 2
+    assert cli_main(["show", "--recipe", "tiny-arith", "--set", "algo.loss.lambda_scale=x"]) == 2
     assert "expected float" in capsys.readouterr().err
     assert cli_main(["show", "--recipe", "tiny-arith", "--set", "rollout.group_size=1"]) == 2
     assert "group_size" in capsys.readouterr().err
@@ -200,7 +241,8 @@ def test_chunked_logprobs_match_whole():
     import torch
 
     from hadw_trainer.config import ModelConfig
-    from hadw_trainer.model import build_tiny_model, char_tokenizer, response_logprobs
+    from hadw_trainer.logprobs import ResponseRows, response_logprobs
+    from hadw_trainer.model import build_tiny_model, char_tokenizer
 
     torch.manual_seed(0)
     tok = char_tokenizer()
@@ -211,12 +253,40 @@ def test_chunked_logprobs_match_whole():
     r_ids = torch.randint(3, len(tok), (6, 4))
     r_mask = torch.ones_like(r_ids)
     r_mask[1, 2:] = 0
+    rows = ResponseRows(p_ids, p_mask, r_ids, r_mask)
     outs = []
     for chunk in (0, 5):
         model.zero_grad()
-        lp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature=0.7, chunk_tokens=chunk)
+        lp, ent = response_logprobs(model, rows, temperature=0.7, chunk_tokens=chunk, with_entropy=True)
         (lp * torch.arange(24.0).view(6, 4)).sum().backward()
-        outs.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
+        outs.append((lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert torch.equal(lp, response_logprobs(model, rows, temperature=0.7, chunk_tokens=chunk))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outs[0][2], outs[1][2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # against the definition: log-softmax of the full logits at the temperature, entropy of the same distribution
+    with torch.no_grad():
+        ids = torch.cat([p_ids, r_ids], 1)
+        attn = torch.cat([p_mask, r_mask], 1)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+        logp = torch.log_softmax(logits[:, -5:-1].double() / 0.7, -1)
+        want_lp = logp.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
+        want_ent = -(logp.exp() * logp).sum(-1) * r_mask
+    torch.testing.assert_close(outs[0][0].double(), want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1].double(), want_ent, rtol=1e-5, atol=1e-5)
+
+
+def test_step_sums_reduce_weighted_means_and_totals():
+    """StepSums: value = sum of numerators / sum of weights (here on one process, where the reduction is the
+    identity): a token mean over calls of different sizes, a total, and NaN for a name whose weights are all 0."""
+    from hadw_trainer.observe.logger import StepSums
+
+    s = StepSums()
+    s.add("clipfrac", 0.5 * 10, 10)  # a call with 10 tokens at 0.5 and one with 30 at 0.1
+    s.add("clipfrac", 0.1 * 30, 30)
+    s.add("tokens", 40, 1.0)
+    s.add("empty", 0.0, 0.0)
+    got = s.reduce()
+    assert got["clipfrac"] == pytest.approx((5 + 3) / 40) and got["tokens"] == 40
+    assert got["empty"] != got["empty"] and list(got) == ["clipfrac", "empty", "tokens"]

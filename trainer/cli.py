@@ -35,7 +35,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=PARALLEL_BACKENDS, help="override parallel.backend: how the policy is spread "
                    "over the ranks torchrun starts (docs/distributed.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set algo.lambda_scale=1.5 optim.lr=1e-4")
+                   help="override a config field, e.g. --set algo.loss.lambda_scale=1.5 optim.lr=1e-4")
     return p
 
 
@@ -59,7 +59,7 @@ def _compare(argv: list[str]) -> int:
     p.add_argument("--out", default="compare.png", help="plot file (default compare.png)")
     p.add_argument("--mode", help="eval mode to compare: greedy or avg@k (default: avg@k when present)")
     args = p.parse_args(argv)
-    from hadw_trainer.plots import compare
+    from hadw_trainer.observe.plots import compare
 
     runs = [r for r in args.runs if os.path.isdir(r)]
     for r in args.runs:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hadw-train: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from hadw_trainer.checkpoint import CheckpointError
+        from hadw_trainer.parallel.checkpoint import CheckpointError
 
         if isinstance(e, CheckpointError):
             print(f"hadw-train: {e}", file=sys.stderr)

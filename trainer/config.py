@@ -3,9 +3,9 @@
 A `JobConfig` is built by a named recipe (`hadw_trainer.recipes`) and then overridden field by field:
 
     >>> cfg = get_recipe("tiny-arith")
-    >>> cfg = apply_overrides(cfg, ["algo.lambda_scale=1.5", "train.max_steps=20"])
-    >>> cfg.algo.lambda_scale
-    1.5
+    >>> cfg = apply_overrides(cfg, ["algo.loss.lambda_scale=1.5", "algo.anchor.window=5", "train.max_steps=20"])
+    >>> cfg.algo.loss_config().lambda_scale, cfg.algo.build_anchor().window
+    (1.5, 5)
 
 Batch sizes are counted in *prompts* (each prompt brings `rollout.group_size` responses), and
 `rollout.prompts_per_step` / `algo.mini_batch_prompts` are global (summed over data-parallel ranks), as in verl.
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from hadw_kernels import LossConfig
-from hadw_kernels.anchor import ANCHOR_MODES
+from hadw_kernels import DifficultyAnchor, LossConfig
 
 LOSS_PRESETS = ("grpo", "dapo", "gspo", "dr_grpo")
 LOSS_BACKENDS = ("auto", "torch", "compiled", "triton")
@@ -144,48 +144,55 @@ class RolloutConfig:
     """Overlong shaping: the largest penalty, reached at `max_new_tokens`."""
 
 
+def loss_fields() -> dict[str, Any]:
+    """{name: type} of every `LossConfig` field: what `algo.loss.<name>` may override."""
+    return typing.get_type_hints(LossConfig)
+
+
+def anchor_fields() -> dict[str, Any]:
+    """{name: type} of every `DifficultyAnchor` argument a config can set: what `algo.anchor.<name>` may override."""
+    hints = typing.get_type_hints(DifficultyAnchor.__init__)
+    return {n: hints[n] for n in inspect.signature(DifficultyAnchor).parameters if n != "process_group"}
+
+
 @dataclass
 class AlgoConfig:
-    """The policy loss (`hadw_kernels.hadw_loss`), the difficulty anchor and how the batch is split for updates."""
+    """The RL algorithm: the policy loss (a `LossConfig` preset plus overrides), the difficulty anchor (arguments of
+    `DifficultyAnchor`) and how a rollout batch is split into optimizer steps. Every default not written here is
+    the library's."""
 
-    loss: str = "grpo"
-    """Loss preset: grpo | dapo | gspo | dr_grpo (the spec's table)."""
-    hadw: bool = True
-    """HA-DW reweighting on (Phi = lambda * exp(D * M)) or off (Phi = 1)."""
-    lambda_scale: float = 1.3
-    """lambda in Phi (the paper's best: 1.3)."""
-    clip_low: float | None = None
-    """Override the preset's epsilon_low."""
-    clip_high: float | None = None
-    """Override the preset's epsilon_high."""
-    kl_coef: float = 0.0
-    """KL penalty to the initial policy (0 = off, as in the paper)."""
-    anchor_mode: str = "window"
-    """Difficulty anchor: window | ema | fixed."""
-    anchor_window: int = 10
-    """'window' mode: batch accuracies averaged (h)."""
-    anchor_include_current: bool = False
-    """'window' mode: put y_t in the window before use (the authors' released code)."""
-    anchor_eta: float = 1.0
-    """'ema' mode: base rate eta."""
-    anchor_fixed: float = 0.5
-    """'fixed' mode: the constant anchor."""
+    preset: str = "grpo"
+    """`LossConfig` preset: grpo | dapo | gspo | dr_grpo (the spec's table)."""
+    loss: dict[str, Any] = field(default_factory=dict)
+    """`LossConfig` fields that differ from the preset, e.g. {"hadw": False} for plain GRPO; any field, set with
+    `--set algo.loss.<field>=value` (`hadw-train keys` lists them). HA-DW is on with lambda 1.3 unless changed."""
+    anchor: dict[str, Any] = field(default_factory=dict)
+    """`DifficultyAnchor` arguments that differ from its defaults (mode 'window', window 10, ...), set with
+    `--set algo.anchor.<argument>=value`. Its y_t is the mean reward of every response of the step, all ranks."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batch_prompts: int = 16
     """Prompts per optimizer step, global over ranks (the paper: 16)."""
     micro_batch_prompts: int = 4
-    """Prompts per forward/backward on one rank (gradient accumulation; the loss does not depend on it)."""
-    backend: str = "torch"
-    """`hadw_loss` backend: auto | torch | compiled | triton."""
+    """Prompts' worth of rows per forward/backward on one rank (gradient accumulation; the loss does not depend
+    on it)."""
+    backend: str = "auto"
+    """`hadw_policy_loss` backend: auto | torch | compiled | triton (the library's default: auto)."""
 
     def loss_config(self) -> LossConfig:
-        over: dict[str, Any] = dict(hadw=self.hadw, lambda_scale=self.lambda_scale, kl_coef=self.kl_coef)
-        if self.clip_low is not None:
-            over["clip_low"] = self.clip_low
-        if self.clip_high is not None:
-            over["clip_high"] = self.clip_high
-        return LossConfig.preset(self.loss, **over)
+        """The `LossConfig` this run trains with (raises ValueError naming a bad field or value)."""
+        unknown = sorted(set(self.loss) - set(loss_fields()))
+        if unknown:
+            raise ValueError(f"algo.loss has unknown LossConfig field(s) {unknown}; valid: {', '.join(loss_fields())}")
+        return LossConfig.preset(self.preset, **self.loss)
+
+    def build_anchor(self) -> DifficultyAnchor:
+        """A fresh `DifficultyAnchor` with these arguments (raises ValueError naming a bad one)."""
+        unknown = sorted(set(self.anchor) - set(anchor_fields()))
+        if unknown:
+            raise ValueError(f"algo.anchor has unknown DifficultyAnchor argument(s) {unknown}; valid: "
+                             f"{', '.join(anchor_fields())}")
+        return DifficultyAnchor(**self.anchor)
 
 
 @dataclass
@@ -331,8 +338,7 @@ class JobConfig:
                         f"{world_size}")
         if not 0 < r.vllm_gpu_memory_utilization <= 1:
             errs.append(f"rollout.vllm_gpu_memory_utilization={r.vllm_gpu_memory_utilization} must be in (0, 1]")
-        choice("algo.loss", a.loss, LOSS_PRESETS)
-        choice("algo.anchor_mode", a.anchor_mode, ANCHOR_MODES)
+        choice("algo.preset", a.preset, LOSS_PRESETS)
         choice("algo.backend", a.backend, LOSS_BACKENDS)
         choice("parallel.backend", self.parallel.backend, PARALLEL_BACKENDS)
         if self.parallel.offload and not self.parallel.backend.startswith("zero"):
@@ -378,7 +384,7 @@ class JobConfig:
             errs.append("sft.steps > 0 builds a base model from scratch; it needs model.path=None (the tiny model)")
         if self.sft.steps and t.name != "arith":
             errs.append("sft.steps > 0 (the warm-up) is only defined for task.name='arith'")
-        # batch divisibility: rollout batch -> ranks -> mini-batches -> micro-batches, always whole groups
+        # batch divisibility: rollout batch -> ranks -> mini-batches -> micro-batches
         if r.prompts_per_step % world_size:
             errs.append(f"rollout.prompts_per_step={r.prompts_per_step} is not divisible by world_size={world_size}")
         if r.prompts_per_step % a.mini_batch_prompts:
@@ -390,9 +396,18 @@ class JobConfig:
             errs.append(f"algo.mini_batch_prompts/world_size={a.mini_batch_prompts // world_size} is not divisible "
                         f"by algo.micro_batch_prompts={a.micro_batch_prompts}")
         try:
-            a.loss_config()
+            loss = a.loss_config()
+            if loss.loss_agg == "seq-mean-token-sum-norm" and loss.norm_len is None:
+                # the padded width differs between micro-batches, so the loss would depend on the split
+                errs.append(f"algo.loss: loss_agg='seq-mean-token-sum-norm' (Dr. GRPO) divides by a constant length; "
+                            f"set algo.loss.norm_len (Dr. GRPO's generation budget, e.g. rollout.max_new_tokens="
+                            f"{r.max_new_tokens})")
         except ValueError as e:
-            errs.append(f"algo: {e}")
+            errs.append(str(e))
+        try:
+            a.build_anchor()
+        except ValueError as e:
+            errs.append(f"algo.anchor: {e}")
         if errs:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))
         return self
@@ -405,9 +420,19 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+# dict fields whose keys are another object's fields: `--set algo.loss.<field>=value`
+_NESTED: dict[tuple[str, str], Any] = {("algo", "loss"): loss_fields, ("algo", "anchor"): anchor_fields}
+
+
 def valid_keys() -> list[str]:
-    """Every `section.field` that `--set` accepts."""
-    return [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+    """Every key that `--set` accepts: `section.field`, and `algo.loss.<LossConfig field>`,
+    `algo.anchor.<DifficultyAnchor argument>`."""
+    keys = []
+    for s, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            nested = _NESTED.get((s, f.name))
+            keys += [f"{s}.{f.name}.{n}" for n in nested()] if nested else [f"{s}.{f.name}"]
+    return keys
 
 
 def _parse_value(key: str, text: str, tp: Any) -> Any:
@@ -449,13 +474,19 @@ def apply_overrides(cfg: JobConfig, overrides: list[str]) -> JobConfig:
             raise ConfigError(f"--set expects section.field=value, got {item!r}")
         key, text = item.split("=", 1)
         key = key.strip()
-        section, _, name = key.partition(".")
+        section, _, rest = key.partition(".")
+        name, _, sub = rest.partition(".")
         cls = _SECTIONS.get(section)
         names = {f.name for f in dataclasses.fields(cls)} if cls else set()
-        if cls is None or name not in names:
+        nested = _NESTED.get((section, name))
+        fields = nested() if nested else {}
+        if cls is None or name not in names or bool(sub) != bool(nested) or (sub and sub not in fields):
             close = difflib.get_close_matches(key, valid_keys(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"--set: unknown key {key!r}{hint}; valid keys are:\n  " + "\n  ".join(valid_keys()))
-        tp = typing.get_type_hints(cls)[name]
-        setattr(getattr(cfg, section), name, _parse_value(key, text.strip(), tp))
+        if sub:
+            getattr(getattr(cfg, section), name)[sub] = _parse_value(key, text.strip(), fields[sub])
+        else:
+            tp = typing.get_type_hints(cls)[name]
+            setattr(getattr(cfg, section), name, _parse_value(key, text.strip(), tp))
     return cfg

@@ -1,5 +1,5 @@
-"""The policy: a character tokenizer and tiny Qwen2 / Llama built from a config, or a local HF model directory,
-and the one function that turns a (prompt, response) batch into per-token log-probs.
+"""The policy: a character tokenizer and tiny Qwen2 / Llama built from a config, or a local HF model directory
+(per-token log-probs of a batch: `hadw_trainer.logprobs`).
 
     >>> tok = char_tokenizer()
     >>> model = build_tiny_model(ModelConfig(), tok)
@@ -13,10 +13,9 @@ import os
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 
 from hadw_trainer.config import ModelConfig
-from hadw_trainer.tasks import ARITH_CHARS
+from hadw_trainer.data.tasks import ARITH_CHARS
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 
@@ -102,54 +101,3 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: str) -> None:
         tc["tokenizer_class"] = "PreTrainedTokenizerFast"
         with open(tc_path, "w") as f:
             json.dump(tc, f, indent=2)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding: the first real token is at 0 (what `generate` uses)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    logits = head(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def response_logprobs(
-    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-    response_mask: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 0,
-) -> torch.Tensor:
-    """log pi(response token | prefix) at `temperature` -> [N, T] fp32 (0 where response_mask is 0).
-
-    prompt_ids/prompt_mask [N, P] are left-padded; response_ids/response_mask [N, T] right-padded. Only the last
-    T + 1 positions go through the LM head (`logits_to_keep`), so long prompts cost no vocabulary-sized logits.
-    With `chunk_tokens` > 0 the LM head runs on that many tokens at a time under activation checkpointing, so the
-    [N, T, vocab] logits never exist at once, in the forward or the backward (real models: V ~ 150k).
-    """
-    ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attn = torch.cat([prompt_mask, response_mask], dim=1).long()
-    T = response_ids.shape[1]
-    pos = position_ids(attn)
-    if chunk_tokens <= 0:
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
-        logits = out.logits[:, :-1].float()  # [N, T, V]: position t predicts response token t
-        if temperature != 1.0:
-            logits = logits / temperature
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-        return lp * response_mask.to(lp.dtype)
-    hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
-    h = hidden[:, -(T + 1):-1].reshape(-1, hidden.shape[-1])  # [N*T, H]
-    targets = response_ids.reshape(-1)
-    head = model.get_output_embeddings()
-    parts = []
-    for i in range(0, h.shape[0], chunk_tokens):
-        sl = slice(i, i + chunk_tokens)
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(torch.utils.checkpoint.checkpoint(_token_logprobs, head, h[sl], targets[sl], temperature,
-                                                           use_reentrant=False))
-        else:
-            parts.append(_token_logprobs(head, h[sl], targets[sl], temperature))
-    lp = torch.cat(parts).view(response_ids.shape)
-    return lp * response_mask.to(lp.dtype)

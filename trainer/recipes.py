@@ -8,6 +8,7 @@
   downloaded) and 8 GPUs: `torchrun --nproc-per-node 8 -m hadw_trainer --recipe ...` (ZeRO-2, colocated vLLM
   rollouts; docs/distributed.md).
 - `math-sample`: the math pipeline on the shipped JSONL sample (smoke test; give it any local model).
+- `smoke`: tiny-arith shrunk to seconds (a 60k-parameter model, 3 steps): checks an install; the tests run it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hadw_trainer.config import (
     TaskConfig,
     TrainConfig,
 )
-from hadw_trainer.tasks import shipped_math_sample
+from hadw_trainer.data.tasks import shipped_math_sample
 
 # The paper's prompt (spec §6).
 PAPER_PROMPT = "{question}. Let's think step by step and output the final answer within \\boxed{}."
@@ -50,7 +51,8 @@ def tiny_arith(loss: str = "grpo", hadw: bool = True) -> JobConfig:
         # 5e-5 barely moves. The loss backend is eager: torch.compile costs ~23 s once plus recompiles per response
         # length, for a loss that takes ~2 ms eager at these sizes.
         rollout=RolloutConfig(prompts_per_step=64, group_size=8, max_new_tokens=6, temperature=1.0),
-        algo=AlgoConfig(loss=loss, hadw=hadw, mini_batch_prompts=64, micro_batch_prompts=16, backend="torch"),
+        algo=AlgoConfig(preset=loss, loss={} if hadw else {"hadw": False}, mini_batch_prompts=64,
+                        micro_batch_prompts=16, backend="torch"),
         optim=OptimConfig(lr=1e-4, weight_decay=0.1, warmup_steps=10, grad_clip=1.0),
         eval=EvalConfig(every=25, k=8, temperature=1.0, greedy=True),
         checkpoint=CheckpointConfig(every=50, keep_last=2),
@@ -73,8 +75,8 @@ def paper_run(model: str, loss: str, hadw: bool) -> JobConfig:
         # micro-batches hold whole groups and count prompts per rank: on 8 GPUs a 16-prompt mini-batch is 2 prompts
         # (16 responses) per GPU, done as 2 micro-batches of 1 prompt (the paper's 4 counts responses per GPU,
         # which would split a group of 8; the loss does not depend on the split)
-        algo=AlgoConfig(loss=loss, hadw=hadw, lambda_scale=1.3, mini_batch_prompts=16, micro_batch_prompts=1,
-                        backend="auto"),
+        algo=AlgoConfig(preset=loss, loss={"lambda_scale": 1.3} if hadw else {"hadw": False}, mini_batch_prompts=16,
+                        micro_batch_prompts=1),
         optim=OptimConfig(lr=1e-6, weight_decay=0.1, warmup_steps=10, grad_clip=1.0),
         eval=EvalConfig(every=20, k=0, greedy=True, batch_prompts=64),
         checkpoint=CheckpointConfig(every=20, keep_last=2),
@@ -94,11 +96,29 @@ def math_sample() -> JobConfig:
     cfg.task.path = shipped_math_sample()
     cfg.rollout = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=32)
     cfg.parallel = ParallelConfig()
-    cfg.algo = AlgoConfig(loss="grpo", hadw=True, mini_batch_prompts=4, micro_batch_prompts=2, backend="torch")
+    cfg.algo = AlgoConfig(preset="grpo", mini_batch_prompts=4, micro_batch_prompts=2, backend="torch")
     cfg.optim = OptimConfig(lr=1e-5, warmup_steps=0)
     cfg.eval = EvalConfig(every=0, k=0, greedy=True, batch_prompts=16)
     cfg.checkpoint = CheckpointConfig(every=0, keep_last=1)
     cfg.train = TrainConfig(max_steps=2, seed=0, threads=2)
+    return cfg
+
+
+def smoke() -> JobConfig:
+    """tiny-arith shrunk to seconds: a 60k-parameter model, levels 1-2, 3 RL steps, no plots. Checks an install
+    (`hadw-train --recipe smoke --output-dir /tmp/smoke`); the trainer's tests run it."""
+    cfg = tiny_arith()
+    cfg.recipe = "smoke"
+    cfg.model = ModelConfig(arch="qwen2", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                            max_position_embeddings=32)
+    cfg.task.levels, cfg.task.eval_per_level = (1, 2), 16
+    cfg.sft = SFTConfig(steps=60, batch_size=32, lr=3e-3, seed=0)
+    cfg.rollout = RolloutConfig(prompts_per_step=8, group_size=4, max_new_tokens=4, temperature=1.0)
+    cfg.algo.mini_batch_prompts, cfg.algo.micro_batch_prompts = 4, 2
+    cfg.optim = OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=2, grad_clip=1.0)
+    cfg.eval = EvalConfig(every=0, k=2, temperature=1.0, greedy=True, batch_prompts=64)
+    cfg.checkpoint = CheckpointConfig(every=0, keep_last=2)
+    cfg.train = TrainConfig(max_steps=3, seed=0, threads=1, plots=False, tensorboard=False, progress=False)
     return cfg
 
 
@@ -111,7 +131,7 @@ def _tiny(loss: str, hadw: bool) -> Callable[[], JobConfig]:
     return make
 
 
-RECIPES: dict[str, Callable[[], JobConfig]] = {"tiny-arith": tiny_arith, "math-sample": math_sample}
+RECIPES: dict[str, Callable[[], JobConfig]] = {"tiny-arith": tiny_arith, "math-sample": math_sample, "smoke": smoke}
 for _loss in ("grpo", "dapo", "gspo"):
     for _hadw in (False, True):
         RECIPES[f"tiny-arith-{_loss}{'-hadw' if _hadw else ''}"] = _tiny(_loss, _hadw)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from hadw_trainer.config import JobConfig
+from hadw_trainer.data.tasks import ArithTask
 from hadw_trainer.model import build_tiny_model, char_tokenizer, save_model
-from hadw_trainer.tasks import ArithTask
 
 SFT_VERSION = 1  # bump when the warm-up recipe changes, so stale caches are not reused
 

@@ -18,13 +18,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from trainer_tiny import tiny_config  # noqa: E402
-
-from hadw_trainer import distributed as dist  # noqa: E402
-from hadw_trainer.logger import TIMING_KEYS  # noqa: E402
-from hadw_trainer.rollout import HFRollout, concat_generations  # noqa: E402
+from hadw_trainer.config import JobConfig, apply_overrides
+from hadw_trainer.observe.logger import TIMING_KEYS
+from hadw_trainer.parallel import process_group as dist
+from hadw_trainer.recipes import get_recipe
+from hadw_trainer.rollout.engine import concat_generations
+from hadw_trainer.rollout.hf_engine import HFRollout
 
 # The fixed-batch runs: one optimizer step per RL step (so a global mini-batch holds the same prompts on any
 # number of ranks) and no evaluation (it would draw from the engine).
@@ -39,17 +38,18 @@ VARIANTS = {
 }
 
 
-class FixedRollout:
+def tiny_config(cache: str, *overrides: str) -> JobConfig:
+    """The `smoke` recipe with its base model cached under `cache`."""
+    return apply_overrides(get_recipe("smoke"), [f"sft.cache_dir={cache}", *overrides])
+
+
+class FixedRollout(HFRollout):
     """HF sampling, one prompt per `generate` call, seeded by (call number, the prompt's index in the global batch):
     rank r of W holds global prompts r*P ... r*P+P-1, so every prompt gets the same responses whatever W is."""
 
     def __init__(self, model: torch.nn.Module, tokenizer) -> None:
-        self.inner = HFRollout(model, tokenizer)
-        self.pad = tokenizer.pad_token_id
+        super().__init__(model, tokenizer)
         self.calls = 0
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Nothing: `inner` generates with the (synced) full-weight module itself."""
 
     def generate(self, prompts, n, **kw):
         self.calls += 1
@@ -57,8 +57,8 @@ class FixedRollout:
         for i, p in enumerate(prompts):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(1_000_003 * self.calls + dist.rank() * len(prompts) + i)
-                parts.append(self.inner.generate([p], n, **kw))
-        return concat_generations(parts, self.pad)
+                parts.append(super().generate([p], n, **kw))
+        return concat_generations(parts, self.tokenizer.pad_token_id)
 
 
 def dump(res: dict, out: str) -> None:

@@ -15,11 +15,13 @@ import time
 
 import torch
 
-from hadw_trainer import distributed as dist
 from hadw_trainer.config import ModelConfig
-from hadw_trainer.model import build_tiny_model, char_tokenizer, response_logprobs
-from hadw_trainer.rollout import Generation, HFRollout
-from hadw_trainer.rollout_vllm import VLLMRollout
+from hadw_trainer.logprobs import ResponseRows, response_logprobs
+from hadw_trainer.model import build_tiny_model, char_tokenizer
+from hadw_trainer.parallel import process_group as dist
+from hadw_trainer.rollout.engine import Generation
+from hadw_trainer.rollout.hf_engine import HFRollout
+from hadw_trainer.rollout.vllm_engine import VLLMRollout
 
 # different lengths (left padding); the last fills a 32-token KV block, so the engine's prefix cache holds it
 PROMPTS = ["12+3=", "7-8=", "100-1=", "3+45-6=", "1234567890+9876543210-1111111111=2"]
@@ -56,9 +58,8 @@ def check_invariants(gen: Generation, prompts: list[str], n: int, tok, eos: int,
 
 def max_logprob_diff(model, gen: Generation, temperature: float) -> float:
     with torch.no_grad():
-        ref = response_logprobs(model, gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask,
-                                temperature)
-    return (ref - gen.sampling_logprobs).abs().max().item()
+        ref = response_logprobs(model, ResponseRows.of(gen, slice(None)), temperature)
+    return (ref - gen.sampling_logprobs[:, :ref.shape[1]]).abs().max().item()
 
 
 def main() -> None:
@@ -117,7 +118,7 @@ def main() -> None:
     # 2. change the HF weights (a few SGD steps raising the log-prob of the sampled responses)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):
-        lp = response_logprobs(model, gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask, TEMP)
+        lp = response_logprobs(model, ResponseRows.of(gen, slice(None)), TEMP)
         opt.zero_grad()
         (-lp.sum() / gen.response_mask.sum()).backward()
         opt.step()

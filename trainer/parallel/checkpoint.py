@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from hadw_trainer import distributed as dist
+from hadw_trainer.parallel import process_group as dist
 
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")

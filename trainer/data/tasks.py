@@ -110,7 +110,18 @@ def load_jsonl(path: str) -> list[Problem]:
 
 def shipped_math_sample() -> str:
     """Path of the small MATH-style JSONL sample shipped with the package (for tests and smoke runs)."""
-    return os.path.join(os.path.dirname(__file__), "data", "math_sample.jsonl")
+    return os.path.join(os.path.dirname(__file__), "math_sample.jsonl")
+
+
+def format_prompt(problem: Problem, template: str, tokenizer: Any = None, chat: bool = False) -> str:
+    """Apply the prompt template (and the tokenizer's chat template for instruct models)."""
+    text = template.replace("{question}", problem.question)
+    if chat:
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("task.chat_template=true but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
 
 
 class PromptSource:
@@ -162,3 +173,36 @@ class PromptSource:
             raise ValueError(f"PromptSource: checkpoint was written with seed {state.get('seed')}, this run has "
                              f"seed {self.seed}")
         self.cursor, self.draws = int(state["cursor"]), int(state["draws"])
+
+
+def task_problems(task: Any, seed: int) -> tuple[PromptSource, list[Problem]]:
+    """(the training prompt stream of run seed `seed`, the fixed held-out problems) for a `TaskConfig`."""
+    if task.name == "arith":
+        arith = ArithTask(task.levels)
+        return PromptSource(seed, task=arith), arith.eval_set(task.eval_per_level, task.eval_seed)
+    train = load_jsonl(task.path)
+    evals = load_jsonl(task.eval_path) if task.eval_path else train
+    if task.eval_per_level:
+        count: dict[Any, int] = {}
+        kept = []
+        for p in evals:
+            count[p.level] = count.get(p.level, 0) + 1
+            if count[p.level] <= task.eval_per_level:
+                kept.append(p)
+        evals = kept
+    return PromptSource(seed, problems=train), evals
+
+
+def drop_long_prompts(source: PromptSource, task: Any, tokenizer: Any, log: Any) -> None:
+    """Drop training problems whose formatted prompt exceeds task.max_prompt_len tokens (reported, not silent)."""
+    if source.problems is None:
+        return
+    keep = [p for p in source.problems if len(tokenizer(format_prompt(p, task.prompt_template, tokenizer,
+                                                                      task.chat_template),
+                                                        add_special_tokens=False).input_ids) <= task.max_prompt_len]
+    if len(keep) < len(source.problems):
+        log(f"dropped {len(source.problems) - len(keep)} of {len(source.problems)} training problems longer than "
+            f"task.max_prompt_len={task.max_prompt_len} tokens")
+    if not keep:
+        raise ValueError(f"no training problem fits task.max_prompt_len={task.max_prompt_len}")
+    source.problems = keep

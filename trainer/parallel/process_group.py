@@ -1,10 +1,13 @@
-"""Data-parallel plumbing the loop needs, written for several processes from the start.
+"""The process group and the few collectives the trainer runs, written for several processes from the start.
 
 Under `torchrun` (WORLD_SIZE > 1) `init()` starts a process group (gloo on CPU, nccl on CUDA). Each rank keeps
-its own slice of every global batch; gradients are *summed* over ranks after the micro-batch loop, because every
-rank's loss is already divided by the global normaliser (so the sum is the whole batch's gradient, exactly).
-`sum_gradients` is what backend `single` uses; `hadw_trainer.parallel` wraps the policy for the DDP / FSDP2 /
-ZeRO backends, which reduce gradients themselves (also as a SUM).
+its own slice of every global batch. What crosses ranks, and why:
+- `all_gather_rows`: each rank's rewards (and levels) once per step, so the anchor's y_t and the group-relative
+  advantages are computed from the whole batch, identically on every rank;
+- `all_reduce_sum`: the loss normaliser of each mini-batch, and the step's metrics (one call per step);
+- `sum_gradients`: backend `single` sums gradients over ranks after the micro-batch loop (every rank's loss is
+  already divided by the global normaliser, so the sum is the whole batch's gradient). The DDP / FSDP2 / ZeRO
+  backends (`hadw_trainer.parallel.backends`) reduce gradients themselves, also as a SUM.
 """
 
 from __future__ import annotations
@@ -81,6 +84,17 @@ def _all_reduce(t: torch.Tensor, op: tdist.ReduceOp) -> torch.Tensor:
     out = t.to(device(), copy=True)  # NCCL reduces CUDA tensors only; the result comes back where t was
     tdist.all_reduce(out, op=op)
     return out.to(t.device)
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """[world * n, ...]: every rank's [n, ...] tensor, rank 0's rows first (`t` itself on one process). Every rank
+    must pass the same shape."""
+    if not is_initialized() or world_size() == 1:
+        return t
+    local = t.to(device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    tdist.all_gather(parts, local)
+    return torch.cat(parts).to(t.device)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

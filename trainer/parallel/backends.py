@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from hadw_trainer import distributed as dist
 from hadw_trainer.config import JobConfig
+from hadw_trainer.parallel import process_group as dist
 
 DEEPSPEED_HINT = "parallel.backend=zero2/zero3 needs DeepSpeed: pip install 'hadw-kernels[train]' (deepspeed==0.19.8)"
 
@@ -228,11 +228,11 @@ class Parallel:
             loaded, _ = self.model.load_checkpoint(path, tag="zero", load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
             if loaded is None:
-                from hadw_trainer.checkpoint import CheckpointError
+                from hadw_trainer.parallel.checkpoint import CheckpointError
 
                 raise CheckpointError(f"DeepSpeed could not load {path}/zero")
         else:
-            from hadw_trainer.checkpoint import load_weights
+            from hadw_trainer.parallel.checkpoint import load_weights
 
             load_weights(path, self.module)
             self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))

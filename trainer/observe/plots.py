@@ -101,12 +101,13 @@ def plot_run(run_dir: str) -> list[str]:
 
 
 def default_label(run: dict[str, Any]) -> str:
+    """The loss preset, +HA-DW when it was on (from the run's config.json), else the directory name."""
     cfg = run["config"] or {}
     algo = cfg.get("algo", {})
     if not algo:
         return os.path.basename(os.path.normpath(run["dir"]))
-    name = algo.get("loss", "?").upper().replace("DR_GRPO", "Dr.GRPO")
-    return f"{name}+HA-DW" if algo.get("hadw") else name
+    name = str(algo.get("preset", "?")).upper().replace("DR_GRPO", "Dr.GRPO")
+    return f"{name}+HA-DW" if algo.get("loss", {}).get("hadw", True) else name  # the library's default: on
 
 
 def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode: str | None = None) -> str:
