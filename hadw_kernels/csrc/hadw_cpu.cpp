@@ -881,8 +881,11 @@ const Isa &isa() {
 }
 
 // -- threads ------------------------------------------------------------------------------------------------------
-// Measured on 2 shared cores (bench/RESULTS.md): a second thread pays from ~2^17 tokens; below that the call
-// runs serially (and a small batch can never wait on a descheduled thread).
+// Measured on the 2 shared cores at a load of ~6 (one vs two threads, T = 256, min / median of 200 calls): 32K
+// tokens 43 / 55 vs 66 / 77 us, 128K 208 / 222 vs 167 / 251 us, 256K 425 / 452 vs 251 / 479 us, 1M 1.50 / 2.21
+// vs 1.22 / 2.43 ms: a second thread shortens the best case from ~128K tokens but, on a loaded machine, not the
+// median below ~1M. It starts from 2 x 256K tokens; below that the call runs serially (and a small batch can never
+// wait on a descheduled thread). Chunks of 16K tokens: ~20 us of work each.
 std::atomic<int64_t> g_chunk_tokens{16384};
 std::atomic<int64_t> g_min_tokens_per_thread{262144};
 
