@@ -401,7 +401,7 @@ def test_no_grad_forward_writes_no_gradient():
     with torch.no_grad():
         (loss, _, _, metrics), _ = cpu_loss.loss_terms_with_checks(batch["logprobs"], *args)
         outs = cpu_loss.native_loss(batch["logprobs"], batch["old_logprobs"], batch["rewards"], batch["mask"], None,
-                                    ANCHOR, None, 4, cpu_loss.config_to_json(cfg), False)
+                                    ANCHOR, None, 4, cpu_loss.config_to_json(cfg), False, cpu_loss.OP_VERSION)
     assert outs[-1].shape == (0,) and not loss.requires_grad
     (loss2, *_), _ = cpu_loss.loss_terms_with_checks(batch["logprobs"], *args)
     assert torch.equal(loss, loss2.detach())
@@ -440,10 +440,11 @@ def test_opcheck():
     cfg = cpu_loss.config_to_json(LossConfig.grpo(kl_coef=0.1))
     lp, old, mask, ref = batch["logprobs"], batch["old_logprobs"], batch["mask"], batch["ref_logprobs"]
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(cpu_loss.native_loss, (lp, old, batch["rewards"], mask, ref, ANCHOR, None, 2, cfg, True),
+    v = cpu_loss.OP_VERSION
+    torch.library.opcheck(cpu_loss.native_loss, (lp, old, batch["rewards"], mask, ref, ANCHOR, None, 2, cfg, True, v),
                           test_utils=checks)
     adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
-    torch.library.opcheck(cpu_loss.native_policy_loss, (lp, old, adv, mask, ref, None, None, cfg, True),
+    torch.library.opcheck(cpu_loss.native_policy_loss, (lp, old, adv, mask, ref, None, None, cfg, True, v),
                           test_utils=checks)
 
 

@@ -34,6 +34,10 @@ from hadw_kernels.ops._config_json import config_from_json, config_to_json
 from hadw_kernels.reference import active_anchor, metric_names
 
 ABI_VERSION = 2
+OP_VERSION = 2
+"""Passed to the custom ops, so that it is part of every graph a caller's torch.compile traces through them:
+torch's compile caches key on the graph, not on the ops' Python autograd, and reused code traced against the
+previous outputs of these ops (seen here after a change). Bump it whenever the ops' outputs or autograd change."""
 LIB_ENV = "HADW_KERNELS_NATIVE_LIB"
 BUILD_HINT = ("build it with a C++ compiler present (g++ or clang++): `pip install -e .` (or `pip install .`) "
               "again, or `python setup.py build_ext --inplace` in a source checkout")
@@ -243,6 +247,7 @@ def native_policy_loss(
     normalizer: torch.Tensor | None,
     config_json: str,
     need_grad: bool,
+    version: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy loss on precomputed advantages ([N] or [N, T]): (loss, metrics [9 or 11] in
     `metric_names(advantages=False, kl=...)` order, nonfinite [5] int64 (`_NONFINITE` order), grad [N, T] fp32 =
@@ -254,7 +259,7 @@ def native_policy_loss(
 
 @native_policy_loss.register_fake
 def _(logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, normalizer, config_json,
-      need_grad):
+      need_grad, version):
     f32 = dict(dtype=torch.float32, device=logprobs.device)
     n_metrics = len(metric_names(advantages=False, kl=ref_logprobs is not None))
     return (logprobs.new_empty((), **f32), logprobs.new_empty((n_metrics,), **f32),
@@ -274,6 +279,7 @@ def native_loss(
     group_size: int,
     config_json: str,
     need_grad: bool,
+    version: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused whole batch: advantages of contiguous groups of `group_size` rows, then the policy loss. Returns
     (loss, metrics [14 or 16] in `metric_names(advantages=True, kl=...)` order, nonfinite [5] int64, advantages [N],
@@ -283,7 +289,8 @@ def native_loss(
 
 
 @native_loss.register_fake
-def _(logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normalizer, group_size, config_json, need_grad):
+def _(logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normalizer, group_size, config_json, need_grad,
+      version):
     N = logprobs.shape[0]
     f32 = dict(dtype=torch.float32, device=logprobs.device)
     n_metrics = len(metric_names(advantages=True, kl=ref_logprobs is not None))
@@ -370,7 +377,7 @@ def loss_terms_with_checks(logprobs, old_logprobs, rewards, mask, group_size, an
     ref_logprobs. anchor / normalizer: None or 0-d float64 tensors. Not for float64 inputs."""
     args = (logprobs, old_logprobs, rewards, mask, ref_logprobs, anchor, normalizer, group_size)
     if torch.compiler.is_compiling():
-        outs = native_loss(*args, config_to_json(config), _need_grad(logprobs))
+        outs = native_loss(*args, config_to_json(config), _need_grad(logprobs), OP_VERSION)
     else:
         outs = _Eager.apply(_loss_impl, *args, config, _need_grad(logprobs))
     loss, metrics, nonfinite, advantages, phi = outs[:5]
@@ -386,7 +393,7 @@ def policy_loss_terms_with_checks(logprobs, old_logprobs, advantages, mask, conf
     for [N] advantages). Not for float64 inputs."""
     args = (logprobs, old_logprobs, advantages.detach(), mask, ref_logprobs, rollout_is_weights, normalizer)
     if torch.compiler.is_compiling():
-        outs = native_policy_loss(*args, config_to_json(config), _need_grad(logprobs))
+        outs = native_policy_loss(*args, config_to_json(config), _need_grad(logprobs), OP_VERSION)
     else:
         outs = _Eager.apply(_policy_loss_impl, *args, config, _need_grad(logprobs))
     loss, metrics, nonfinite = outs[:3]
