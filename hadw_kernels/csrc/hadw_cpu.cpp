@@ -14,7 +14,8 @@
 //
 // Vectorisation is explicit (GCC / Clang vector extensions, W lanes of fp32): gcc 12 left the `omp simd` version of
 // the token loop on its scalar path (a reduction next to a select-and-store), 30 ms instead of ~2 ms per 1M tokens.
-// Portability: no -march in the build. The kernels are compiled three times on x86-64 (AVX-512 with W = 16, AVX2 +
+// Portability: GCC or Clang (for the vector extensions; elsewhere the optional build fails and the package falls
+// back to torch.compile of the reference); no -march in the build. The kernels are compiled three times on x86-64 (AVX-512 with W = 16, AVX2 +
 // FMA with W = 8, the SSE2 baseline with W = 4) by inlining one template body into functions with different
 // `target` attributes; the CPU picks one at first use (__builtin_cpu_supports). Elsewhere the baseline (W = 4).
 //
@@ -82,8 +83,9 @@ HADW_INLINE bool finite(float x) { return std::fabs(x) <= FLT_MAX; }  // false f
 
 HADW_INLINE float clampf(float x, float c) { return x < -c ? -c : (x > c ? c : x); }  // NaN stays NaN
 
-// exp(x) in fp32 to ~1 ulp (Cephes' expf polynomial; the same as Vec::exp below, for scalars). Results below the
-// smallest normal float (x < -87.34) are 0 rather than subnormal; x > 88.72 gives +Inf; NaN gives NaN.
+// exp(x) in fp32 to ~1 ulp (Cephes' expf polynomial, as Vec::exp_in_range below), for the per-row scalars (GSPO's
+// sequence ratio, Phi). Results below the smallest normal float (x < -87.34) are 0 rather than subnormal; x > 88.72
+// gives +Inf; NaN gives NaN.
 HADW_INLINE float exp_f(float x) {
     const float hi = 88.7228317f, lo = -87.3365479f;
     float xc = x < lo ? lo : x;
