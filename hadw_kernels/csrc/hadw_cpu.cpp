@@ -8,9 +8,10 @@
 //   surrogate, the KL term, approx_kl, the clip counts, the NaN/Inf counts and the per-token gradient, reduced to
 //   per-lane fp32 sums that are added up in float64 at the end of the row; GSPO needs the row's log-ratio sum
 //   first, so it makes a second sweep over the (L1-resident) row;
-// - the gradient is written final (dL/dlogp for an upstream gradient of 1): its denominator (a global count) and
-//   the rows' 1 / |y_i| come from a first, mask-only pass where they are needed, so the backward has nothing left to
-//   do but hand the buffer over (or scale it by an upstream gradient other than 1).
+// - the gradient is written final (dL/dlogp for an upstream gradient of 1): its denominator, where no normalizer
+//   gives it, comes from a first, mask-only pass (for seq-mean-* it only finds each row's first valid token), and
+//   a row's 1 / |y_i| from counting its mask just before its sweep; so the backward has nothing left to do but hand
+//   the buffer over (or scale it by an upstream gradient other than 1).
 //
 // Vectorisation is explicit (GCC / Clang vector extensions, W lanes of fp32): gcc 12 left the `omp simd` version of
 // the token loop on its scalar path (a reduction next to a select-and-store), 30 ms instead of ~2 ms per 1M tokens.
@@ -376,7 +377,6 @@ struct Ctx {
     float lo, hi, clip_c, kl_coef, clamp, is_thr;  // kl_coef = 0 where the KL is not in the loss
     bool dual, krw;
     float *grad;           // NULL: not wanted
-    const float *lengths;  // NULL, or [N] valid tokens per row (from the mask pass; seq-mean-token-mean)
     float inv_denom;       // 1 / the aggregation's denominator (1 without a gradient)
 };
 
@@ -678,6 +678,15 @@ HADW_INLINE void exact_nonfinite(const Ctx &c, const Rows &r, double *bad) {
     }
 }
 
+// Valid tokens in a row of the mask (as fp32: nonzero = valid).
+template <int W>
+HADW_INLINE float row_length(const float *m, int64_t T) {
+    using V = Vec<W>;
+    typename V::I n{};
+    for_blocks<W>(T, [&](int64_t t, auto w) HADW_LAMBDA_INLINE { n -= V::ld(m + t, w) != 0.0f; });
+    return static_cast<float>(V::sum(n));
+}
+
 struct Scratch {
     std::vector<float> buf;  // 7 rows of T floats: lp, old, mask, ref, isw, adv, gradient
     explicit Scratch(int64_t T) : buf(static_cast<size_t>(7 * T)) {}
@@ -707,8 +716,10 @@ HADW_INLINE void rows_variant(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc,
     for (int64_t i = r0; i < r1; ++i) {
         Rows r;
         const float a_row = c.load(c, i, sc, r);
-        // d loss / d (row's sum) as autograd forms it: (1 / denominator) / |y_i| for row means
-        r.gf = c.lengths ? c.inv_denom / std::max(c.lengths[i], 1.0f) : c.inv_denom;
+        // d loss / d (row's sum) as autograd forms it: (1 / denominator) / |y_i| for row means (the mask row is
+        // counted here, from memory into L1, where the sweep then reads it)
+        r.gf = c.inv_denom;
+        if (c.grad && c.row_mean) r.gf = c.inv_denom / std::max(row_length<W>(r.m, T), 1.0f);
         RowSums s;
         if (SEQ)
             seq_row<W, KL>(c, T, r, s);
@@ -786,31 +797,36 @@ float denominator(const hadw_loss_cfg &cfg, double n_tokens, double n_seqs) {
     return d;
 }
 
-// The mask pass for rows [r0, r1): each row's valid tokens into lengths[i]; counts[0] += tokens, counts[1] +=
-// non-empty rows.
+// The mask pass for rows [r0, r1), for the denominator when no normalizer gives it: counts[0] += valid tokens
+// (token-mean: whole rows), counts[1] += rows with a valid token (seq-mean-*: up to each row's first one).
 template <int W>
-HADW_INLINE void count_impl(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, float *lengths, double *counts) {
+HADW_INLINE void count_impl(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, bool tokens, double *counts) {
     using V = Vec<W>;
     for (int64_t i = r0; i < r1; ++i) {
         const float *m = mask_row<W>(c.mask, i, c.T, sc.row(2, c.T));
-        typename V::I n{};
-        for_blocks<W>(c.T, [&](int64_t t, auto w) HADW_LAMBDA_INLINE { n -= V::ld(m + t, w) != 0.0f; });
-        const double len = V::sum(n);
-        lengths[i] = static_cast<float>(len);
-        counts[0] += len;
-        counts[1] += len > 0 ? 1.0 : 0.0;
+        if (tokens) {
+            counts[0] += row_length<W>(m, c.T);
+            continue;
+        }
+        bool any = false;
+        for (int64_t t = 0; t < c.T && !any; t += W) {
+            const int n = c.T - t < W ? static_cast<int>(c.T - t) : W;
+            const typename V::I v = V::ld(m + t, n) != 0.0f;
+            for (int l = 0; l < W; ++l) any = any || v[l] != 0;
+        }
+        counts[1] += any ? 1.0 : 0.0;
     }
 }
 
 // -- one copy of the kernels per instruction set ----------------------------------------------------------------
 using RowsFn = void (*)(const Ctx &, int64_t, int64_t, Scratch &, double *);
-using CountFn = void (*)(const Ctx &, int64_t, int64_t, Scratch &, float *, double *);
+using CountFn = void (*)(const Ctx &, int64_t, int64_t, Scratch &, bool, double *);
 using ScaleFn = void (*)(int64_t, const float *, float, void *, int, int64_t, int64_t);
 
 void rows_default(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, double *p) { rows_impl<4>(c, r0, r1, sc, p); }
 float load_default(const Ctx &c, int64_t i, Scratch &sc, Rows &r) { return load_row_inputs<4>(c, i, sc, r); }
-void count_default(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, float *len, double *n) {
-    count_impl<4>(c, r0, r1, sc, len, n);
+void count_default(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, bool tokens, double *n) {
+    count_impl<4>(c, r0, r1, sc, tokens, n);
 }
 void scale_default(int64_t T, const float *s, float f, void *d, int t, int64_t i0, int64_t i1) {
     scale_impl<4>(T, s, f, d, t, i0, i1);
@@ -823,8 +839,8 @@ HADW_AVX2 void rows_avx2(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, doub
     rows_impl<8>(c, r0, r1, sc, p);
 }
 HADW_AVX2 float load_avx2(const Ctx &c, int64_t i, Scratch &sc, Rows &r) { return load_row_inputs<8>(c, i, sc, r); }
-HADW_AVX2 void count_avx2(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, float *len, double *n) {
-    count_impl<8>(c, r0, r1, sc, len, n);
+HADW_AVX2 void count_avx2(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, bool tokens, double *n) {
+    count_impl<8>(c, r0, r1, sc, tokens, n);
 }
 HADW_AVX2 void scale_avx2(int64_t T, const float *s, float f, void *d, int t, int64_t i0, int64_t i1) {
     scale_impl<8>(T, s, f, d, t, i0, i1);
@@ -835,8 +851,8 @@ HADW_AVX512 void rows_avx512(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, 
 HADW_AVX512 float load_avx512(const Ctx &c, int64_t i, Scratch &sc, Rows &r) {
     return load_row_inputs<16>(c, i, sc, r);
 }
-HADW_AVX512 void count_avx512(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, float *len, double *n) {
-    count_impl<16>(c, r0, r1, sc, len, n);
+HADW_AVX512 void count_avx512(const Ctx &c, int64_t r0, int64_t r1, Scratch &sc, bool tokens, double *n) {
+    count_impl<16>(c, r0, r1, sc, tokens, n);
 }
 HADW_AVX512 void scale_avx512(int64_t T, const float *s, float f, void *d, int t, int64_t i0, int64_t i1) {
     scale_impl<16>(T, s, f, d, t, i0, i1);
@@ -988,7 +1004,6 @@ HADW_EXPORT int hadw_cpu_policy_loss(int64_t N, int64_t T, const hadw_view *logp
     c.dual = cfg->dual_clip != 0;
     c.krw = cfg->kl_ratio_weighted != 0;
     c.grad = grad;
-    c.lengths = nullptr;
     c.inv_denom = 1.0f;
 
     const int64_t chunk_tokens = std::max<int64_t>(1, g_chunk_tokens.load());
@@ -998,24 +1013,22 @@ HADW_EXPORT int hadw_cpu_policy_loss(int64_t N, int64_t T, const hadw_view *logp
     const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, N * T / per_thread)));
     std::vector<double> partial(static_cast<size_t>(n_chunks * NUM_SLOTS), 0.0);
     const RowsFn rows = isa().rows;
-    std::vector<float> lengths;
     try {
-        if (grad && (c.row_mean || !cfg->has_normalizer)) {
-            // The mask pass: rows' lengths and the counts behind the denominator (1 B per token read for a bool
-            // mask; the backward's pass over the gradient, 8 B per token, is what it saves).
-            lengths.resize(static_cast<size_t>(N));
+        if (grad && !cfg->has_normalizer) {
+            // The mask pass for the denominator (a bool mask: 1 B per valid token read for token-mean, a few per
+            // row otherwise; the backward's pass over the gradient, 8 B per token, is what it saves).
+            const bool tokens = cfg->loss_agg == HADW_TOKEN_MEAN;
             std::vector<double> counts(static_cast<size_t>(2 * n_chunks), 0.0);
             const CountFn count = isa().count;
             parallel_chunks(n_chunks, threads, [&](int64_t k) {
                 thread_local std::unique_ptr<Scratch> scratch;
                 if (!scratch || static_cast<int64_t>(scratch->buf.size()) < 7 * T) scratch.reset(new Scratch(T));
                 const int64_t r0 = k * rows_per_chunk;
-                count(c, r0, std::min(N, r0 + rows_per_chunk), *scratch, lengths.data(), counts.data() + 2 * k);
+                count(c, r0, std::min(N, r0 + rows_per_chunk), *scratch, tokens, counts.data() + 2 * k);
             });
             double n_tok = 0, n_seq = 0;
             for (int64_t k = 0; k < n_chunks; ++k) n_tok += counts[2 * k], n_seq += counts[2 * k + 1];
             c.inv_denom = 1.0f / denominator(*cfg, n_tok, n_seq);
-            if (c.row_mean) c.lengths = lengths.data();
         } else if (grad) {
             c.inv_denom = 1.0f / denominator(*cfg, 0, 0);
         }
