@@ -92,9 +92,33 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _per_group(values: torch.Tensor, index: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """[P] sums of [N] values over the rows of each group."""
-    return torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+class _Groups:
+    """Per-group reductions of [N] row values: views of [P, G] for contiguous groups of equal size (what
+    torch.compile fuses; Inductor 2.13's CPU codegen fails on the scatter stores below, with 2 threads), scatters
+    over `index` for groups given by id."""
+
+    def __init__(self, index: torch.Tensor, n_groups: int, group_size: int | None) -> None:
+        self.index, self.n_groups, self.group_size = index, n_groups, group_size
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.group_size is not None:
+            return values.view(self.n_groups, self.group_size).sum(dim=1)
+        return torch.zeros(self.n_groups, dtype=values.dtype, device=values.device).index_add_(0, self.index, values)
+
+    def extreme(self, values: torch.Tensor, reduce: str) -> torch.Tensor:
+        """"amax" or "amin" over each group's rows."""
+        if self.group_size is not None:
+            grouped = values.view(self.n_groups, self.group_size)
+            return grouped.amax(dim=1) if reduce == "amax" else grouped.amin(dim=1)
+        start = -float("inf") if reduce == "amax" else float("inf")
+        return torch.full((self.n_groups,), start, dtype=values.dtype, device=values.device).scatter_reduce(
+            0, self.index, values, reduce=reduce)
+
+    def rows(self, per_group: torch.Tensor) -> torch.Tensor:
+        """[P] -> [N]: each row's group value."""
+        if self.group_size is not None:
+            return per_group[:, None].expand(self.n_groups, self.group_size).reshape(-1)
+        return per_group[self.index]
 
 
 def compute_advantages(
@@ -130,19 +154,18 @@ def compute_advantages(
     unscorable = torch.isnan(r)
     scorable = ~unscorable
     r0 = torch.where(scorable, r, zero)
-    count = _per_group(scorable.to(dtype), index, n_groups)  # [P] scorable responses per group
-    mean = _per_group(r0, index, n_groups) / count.clamp(min=1)
-    centred = torch.where(scorable, r0 - mean[index], zero)
+    groups = _Groups(index, n_groups, group_size if group_ids is None else None)
+    count = groups.sum(scorable.to(dtype))  # [P] scorable responses per group
+    mean = groups.sum(r0) / count.clamp(min=1)
+    centred = torch.where(scorable, r0 - groups.rows(mean), zero)
     correction = 1 if config.std_unbiased else 0
-    std = (_per_group(centred * centred, index, n_groups) / (count - correction).clamp(min=1)).sqrt()
+    std = (groups.sum(centred * centred) / (count - correction).clamp(min=1)).sqrt()
     std = torch.where(count > correction, std, torch.zeros_like(std))
     # "All rewards equal" is decided exactly, not through std == 0: the mean of equal floats can differ from them
     # in the last bit, which would otherwise turn 0 into +-1/eps noise.
     inf = torch.full((), float("inf"), dtype=dtype, device=device)
-    high = torch.full((n_groups,), -float("inf"), dtype=dtype, device=device).scatter_reduce(
-        0, index, torch.where(scorable, r0, -inf), reduce="amax")
-    low = torch.full((n_groups,), float("inf"), dtype=dtype, device=device).scatter_reduce(
-        0, index, torch.where(scorable, r0, inf), reduce="amin")
+    high = groups.extreme(torch.where(scorable, r0, -inf), "amax")
+    low = groups.extreme(torch.where(scorable, r0, inf), "amin")
     degenerate = (count < 2) | (high == low)
 
     if config.adv_norm == "group_std":
@@ -154,17 +177,17 @@ def compute_advantages(
         denom = (batch_var.sqrt() + config.std_eps).expand(n_groups)
     else:
         denom = torch.ones_like(std)
-    row_degenerate = degenerate[index] | unscorable
+    row_degenerate = groups.rows(degenerate) | unscorable
     safe_denom = torch.where(degenerate, torch.ones_like(denom), denom)
-    raw = torch.where(row_degenerate, zero, centred / safe_denom[index])
+    raw = torch.where(row_degenerate, zero, centred / groups.rows(safe_denom))
 
     if anchor is None:
         diff = torch.zeros_like(mean)
         phi = torch.ones_like(raw)
     else:
         diff = torch.where(count > 0, mean - torch.as_tensor(anchor, dtype=dtype, device=device), zero)
-        d = -torch.sign(raw) * torch.sign(diff)[index]  # D_i = -sgn(A_hat_i) sgn(diff_g)
-        phi = config.lambda_scale * torch.exp(d * diff.abs()[index])  # Phi_i = lambda exp(D_i M_g)
+        d = -torch.sign(raw) * groups.rows(torch.sign(diff))  # D_i = -sgn(A_hat_i) sgn(diff_g)
+        phi = config.lambda_scale * torch.exp(d * groups.rows(diff.abs()))  # Phi_i = lambda exp(D_i M_g)
     return Advantages(advantages=raw * phi, raw=raw, phi=phi, group_mean=mean, group_std=std, diff=diff,
                       degenerate=degenerate, group_index=index, unscorable=unscorable)
 

@@ -346,17 +346,23 @@ def test_module_reads_its_anchor():
 def test_compiled_backend_matches_eager():
     """backend='compiled' is torch.compile of the same reference: same values, same gradient. ('auto' on CPU is the
     native kernel: tests/test_cpu_kernel.py.)"""
-    for preset, seed in (("grpo", 16), ("gspo", 17)):
-        cfg = LossConfig.preset(preset, kl_coef=0.02)
-        batch = make_batch(seed=seed, dtype=torch.float32, with_ref=True, masked_rows=(2,),
-                           spread=0.3 if preset == "grpo" else 0.002)
-        eager, g_eager = grad_of(batch, 4, 0.4, cfg)
-        for backend in ("compiled",):
-            out, g = grad_of(batch, 4, 0.4, cfg, backend=backend)
+    # 8 groups of 8 under 2 threads: Inductor's vectorised CPU code failed on scatter-based group sums there
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for preset, seed, n_groups, G in (("grpo", 16, 3, 4), ("gspo", 17, 3, 4), ("dapo", 18, 8, 8)):
+            cfg = LossConfig.preset(preset, kl_coef=0.02)
+            batch = make_batch(n_groups=n_groups, group_size=G, T=32 if G == 8 else 7, seed=seed,
+                               dtype=torch.float32, with_ref=True, masked_rows=(2,),
+                               spread=0.3 if preset != "gspo" else 0.002)
+            eager, g_eager = grad_of(batch, G, 0.4, cfg)
+            out, g = grad_of(batch, G, 0.4, cfg, backend="compiled")
             assert out.loss.item() == pytest.approx(eager.loss.item(), rel=1e-5)
-            assert_close(g, g_eager, rtol=1e-4, atol=1e-9, name=f"{preset}/{backend} grad")
+            assert_close(g, g_eager, rtol=1e-4, atol=1e-9, name=f"{preset} grad")
             for k, v in eager.metrics.items():
                 assert out.metrics[k].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-7), k
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
