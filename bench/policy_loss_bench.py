@@ -5,8 +5,9 @@ Inputs: the batch of `bench.hadw_loss_bench.make_inputs`, its HA-DW advantages [
 region (as a trainer does per rollout batch), and rollout importance weights [N, T] = exp(0.05 * noise) truncated at
 2 (verl's TIS), the variant a run with vLLM rollouts uses.
 
-Providers: `reference` (backend="torch", the eager reference), `compiled` (torch.compile of it, the default CPU path
-without the native kernel), `triton` (the kernel; CUDA only).
+Providers: `reference` (backend="torch", the eager reference), `compiled` (torch.compile of it, the CPU path
+without the native kernel), `native` (the C++ CPU kernel, the default CPU path where it is built), `triton` (the
+kernel; CUDA only).
 
 Bytes: fwd reads logprobs, old_logprobs, mask, the IS weights (and ref_logprobs) per token and the advantages per
 row; bwd reads the same again and writes the gradient; full = fwd + bwd.
@@ -16,14 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from bench.hadw_loss_bench import DEFAULT_SHAPES, Inputs, _triton_available
+from bench.hadw_loss_bench import DEFAULT_SHAPES, Inputs, _native_available, _triton_available
 from bench.hadw_loss_bench import describe as _describe_batch
 from bench.hadw_loss_bench import make_inputs as _make_batch
 from bench.harness import Provider, always
 from hadw_kernels import hadw_advantages, hadw_policy_loss
 
 NAME = "policy_loss"
-PROVIDERS = ("reference", "compiled", "triton")
+PROVIDERS = ("reference", "compiled", "native", "triton")
 BASELINES = ("reference", "compiled")
 __all__ = ["DEFAULT_SHAPES", "NAME", "make_inputs", "providers", "leaves", "bytes_moved", "describe"]
 
@@ -52,6 +53,7 @@ def providers() -> dict[str, Provider]:
     return {
         "reference": Provider("reference", _library("torch"), always),
         "compiled": Provider("compiled", _library("compiled"), always, compiles=True),
+        "native": Provider("native", _library("native"), _native_available),
         "triton": Provider("triton", _library("triton"), _triton_available, compiles=True),
     }
 
