@@ -46,7 +46,8 @@ ESTIMATOR = "hadw_grpo"
 LOSS_MODES = {"hadw_vanilla": "token", "hadw_gspo": "sequence"}  # registered name -> LossConfig.ratio_level
 ANCHOR_FILE = "hadw_anchor.pt"
 LOSS_BACKEND = "auto"
-"""Backend of the policy loss (`hadw_policy_loss(backend=...)`): Triton on CUDA, the compiled reference on CPU."""
+"""Backend of the policy loss (`hadw_policy_loss(backend=...)`): Triton on CUDA, the native C++ kernel on CPU (the
+compiled reference where it is not built)."""
 
 ANCHOR_KEYS = ("mode", "window", "include_current", "eta", "history", "sigma_init", "fixed_value", "init")
 # verl's gspo clamps its log-ratio at +10 (not below); vanilla clamps at +-20 as LossConfig does by default.
