@@ -16,12 +16,8 @@ Importing this package needs torch only: triton, scipy and the trainer's depende
 
 from hadw_kernels.anchor import DifficultyAnchor
 from hadw_kernels.config import LossConfig
-from hadw_kernels.from_hidden import (
-    HiddenLossOutput,
-    LinearLogprobs,
-    fused_linear_logprobs,
-    hadw_policy_loss_from_hidden,
-)
+from hadw_kernels.from_hidden import HiddenLossOutput, hadw_policy_loss_from_hidden
+from hadw_kernels.linear_logprobs import LinearLogprobs, fused_linear_logprobs
 from hadw_kernels.loss import (
     HADWLoss,
     hadw_advantages,

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from hadw_kernels import LossConfig, hadw_policy_loss
-from hadw_kernels import from_hidden as fh
-from hadw_kernels.from_hidden import fused_linear_logprobs, hadw_policy_loss_from_hidden, plan_chunks
+from hadw_kernels import linear_logprobs as ll
+from hadw_kernels.from_hidden import hadw_policy_loss_from_hidden
+from hadw_kernels.linear_logprobs import fused_linear_logprobs, plan_chunks
 
 PRESETS = ["grpo", "dapo", "gspo", "dr_grpo"]
 
@@ -94,14 +95,14 @@ def ours(c, cfg, **kw):
 def strategy(monkeypatch):
     """Records which strategy each call took: the number of one-pass chunks (0 = two passes)."""
     calls = []
-    orig = fh.TorchChunkOps.one_pass
+    orig = ll.TorchChunkOps.one_pass
 
     def counting(self, *a, **k):
         calls.append(1)
         return orig(self, *a, **k)
 
-    monkeypatch.setattr(fh.TorchChunkOps, "one_pass", counting)
-    monkeypatch.setattr(fh, "MIN_CHUNK_TOKENS", 1)
+    monkeypatch.setattr(ll.TorchChunkOps, "one_pass", counting)
+    monkeypatch.setattr(ll, "MIN_CHUNK_TOKENS", 1)
     return calls
 
 
@@ -115,7 +116,7 @@ def budget_for(tokens, V, dtype=torch.float64, vocab=None):
                          ids=["one-chunk", "chunks", "chunks+vocab-blocks", "token-by-token"])
 @pytest.mark.parametrize("bias, temperature", [(True, 1.0), (False, 0.7), (True, 1.6)])
 def test_fused_linear_logprobs_matches_reference(budget_tokens, vocab_block, bias, temperature, monkeypatch):
-    monkeypatch.setattr(fh, "MIN_CHUNK_TOKENS", budget_tokens or 1)
+    monkeypatch.setattr(ll, "MIN_CHUNK_TOKENS", budget_tokens or 1)
     c = make_case(V=150, bias=bias, seed=1)
     budget = None if budget_tokens is None else budget_for(budget_tokens, 150, vocab=vocab_block)
     lp, ent = fused_linear_logprobs(c["hidden"], c["weight"], c["ids"], bias=c["bias"], temperature=temperature,
@@ -168,12 +169,12 @@ def test_fused_linear_logprobs_gradcheck():
                                         memory_budget=2 * 4 * 8)  # 2 tokens x 4 vocabulary entries a chunk
         return lp, ent
 
-    fh_min = fh.MIN_CHUNK_TOKENS
-    fh.MIN_CHUNK_TOKENS = 2
+    fh_min = ll.MIN_CHUNK_TOKENS
+    ll.MIN_CHUNK_TOKENS = 2
     try:
         assert torch.autograd.gradcheck(f, (c["hidden"], c["weight"], c["bias"]))
     finally:
-        fh.MIN_CHUNK_TOKENS = fh_min
+        ll.MIN_CHUNK_TOKENS = fh_min
 
 
 # -- the loss -----------------------------------------------------------------------------------------------------
@@ -396,7 +397,7 @@ def test_loss_fp32_against_float64(strategy):
 def test_loss_gradcheck(preset, monkeypatch):
     """float64 gradcheck of the loss w.r.t. hidden, weight and bias, one pass (DAPO) and two passes (GSPO: rows longer
     than a chunk). A small spread keeps the finite differences away from the clip kinks."""
-    monkeypatch.setattr(fh, "MIN_CHUNK_TOKENS", 1)
+    monkeypatch.setattr(ll, "MIN_CHUNK_TOKENS", 1)
     cfg = LossConfig.preset(preset, **({"clip_low": 0.5, "clip_high": 1.0} if preset == "gspo" else {}))
     c = make_case(N=2, T=3, H=4, V=9, seed=16, masked_rows=(), spread=0.05)
     c["hidden"] = c["hidden"].detach().requires_grad_()
@@ -468,7 +469,7 @@ def test_ids_outside_the_vocabulary_raise_at_valid_positions_only(bad_id, fn):
 @pytest.mark.parametrize("chunk", ["one-pass", "two-pass", "logprobs"])
 def test_nonfinite_hidden_at_valid_positions_raise(value, chunk, monkeypatch):
     """At valid positions: a ValueError naming hidden and the position; at padding (NaN in every test here): fine."""
-    monkeypatch.setattr(fh, "MIN_CHUNK_TOKENS", 1)
+    monkeypatch.setattr(ll, "MIN_CHUNK_TOKENS", 1)
     c = make_case(seed=19)
     h = c["hidden"].detach().clone()
     h[2, 3, 5] = value
@@ -539,24 +540,24 @@ def test_plan_chunks_fits_the_budget(n_tokens, vocab, bpl, budget):
     plan = plan_chunks(n_tokens, vocab, bpl, budget)
     assert 1 <= plan.tokens <= n_tokens and 1 <= plan.vocab <= vocab
     fits = plan.tokens * plan.vocab * bpl <= budget
-    minimal = plan.tokens == min(fh.MIN_CHUNK_TOKENS, n_tokens) and plan.vocab == min(fh.VOCAB_ALIGN, vocab)
+    minimal = plan.tokens == min(ll.MIN_CHUNK_TOKENS, n_tokens) and plan.vocab == min(ll.VOCAB_ALIGN, vocab)
     assert fits or minimal  # a budget below one minimal chunk gets the minimal chunk
-    if budget // (vocab * bpl) >= min(fh.MIN_CHUNK_TOKENS, n_tokens):
+    if budget // (vocab * bpl) >= min(ll.MIN_CHUNK_TOKENS, n_tokens):
         assert plan.vocab == vocab  # the whole vocabulary when a chunk of enough tokens fits
 
 
 @pytest.mark.parametrize("budget_tokens, vocab", [(4, None), (2, 128)])
 def test_chunk_temporaries_stay_within_the_budget(budget_tokens, vocab, monkeypatch):
     """Every [vocab, tokens] buffer the torch path allocates fits the budget (the logits are never whole)."""
-    monkeypatch.setattr(fh, "MIN_CHUNK_TOKENS", budget_tokens)
+    monkeypatch.setattr(ll, "MIN_CHUNK_TOKENS", budget_tokens)
     sizes = []
-    orig = fh.TorchChunkOps._buffer
+    orig = ll.TorchChunkOps._buffer
 
     def spy(self, name, rows, cols, dtype, device):
         sizes.append(rows * cols * torch.finfo(dtype).bits // 8)
         return orig(self, name, rows, cols, dtype, device)
 
-    monkeypatch.setattr(fh.TorchChunkOps, "_buffer", spy)
+    monkeypatch.setattr(ll.TorchChunkOps, "_buffer", spy)
     c = make_case(N=4, T=8, seed=24, masked_rows=())
     budget = budget_for(budget_tokens, 150, vocab=vocab)
     ours(c, LossConfig.dapo(), memory_budget=budget).loss.backward()
@@ -568,19 +569,19 @@ def test_chunk_temporaries_stay_within_the_budget(budget_tokens, vocab, monkeypa
 def test_compiled_chunk_reductions(monkeypatch):
     """The elementwise work of large chunks runs compiled (COMPILE_MIN_ELEMENTS, lowered here): the same numbers as
     eager, in both strategies and with the entropy gradient."""
-    monkeypatch.setattr(fh, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(fh, "MIN_CHUNK_TOKENS", 1)
+    monkeypatch.setattr(ll, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(ll, "MIN_CHUNK_TOKENS", 1)
     monkeypatch.delenv("HADW_KERNELS_NO_COMPILE", raising=False)
     calls = []
-    orig = fh._compiled
-    monkeypatch.setattr(fh, "_compiled", lambda fn: calls.append(fn.__name__) or orig(fn))
+    orig = ll._compiled
+    monkeypatch.setattr(ll, "_compiled", lambda fn: calls.append(fn.__name__) or orig(fn))
     c = make_case(dtype=torch.float32, H=16, V=300, seed=28)
     out = ours(c, LossConfig.dapo(), memory_budget=4 * 300 * 4)
     lp, ent = fused_linear_logprobs(c["hidden"], c["weight"], c["ids"], bias=c["bias"], mask=c["mask"],
                                     memory_budget=4 * 128 * 4)
     ref, _, _ = reference_loss(c, LossConfig.dapo())
     rlp, rent = reference(c["hidden"], c["weight"], c["bias"], c["ids"], c["mask"])
-    assert not fh._COMPILE_FAILED
+    assert not ll._COMPILE_FAILED
     assert {"_row_sums", "_scaled_exp_"} <= set(calls)
     assert_close(out.loss, ref.loss, 2e-6, "loss")
     for name, a, b in zip(("hidden", "weight", "bias"), grads(out.loss, c), grads(ref.loss, c), strict=True):
@@ -597,7 +598,7 @@ def test_opcheck():
     c = make_case(N=2, T=3, H=4, V=20, seed=25, masked_rows=(), dtype=torch.float32)
     h = c["hidden"].detach().nan_to_num().reshape(6, 4).requires_grad_()
     args = (h, c["weight"], c["bias"], c["ids"].clamp(min=0).reshape(6), None, 1.25, 4, 8, "torch")
-    torch.library.opcheck(fh._fused_linear_logprobs_op, args,
+    torch.library.opcheck(ll._fused_linear_logprobs_op, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 from test_from_hidden import assert_close, budget_for, grads, make_case, reference, reference_loss  # noqa: E402
 
 from hadw_kernels import LossConfig, fused_linear_logprobs, hadw_policy_loss_from_hidden  # noqa: E402
-from hadw_kernels import from_hidden as fh  # noqa: E402
+from hadw_kernels import linear_logprobs as ll  # noqa: E402
 from hadw_kernels.ops import _triton_runtime  # noqa: E402
 from hadw_kernels.ops import triton_linear_logprobs as K  # noqa: E402
 
@@ -140,7 +140,7 @@ def test_opcheck():
 # -- the public functions on backend="triton" -----------------------------------------------------------------------
 @pytest.mark.parametrize("vocab_block", [None, 64], ids=["whole-vocab", "vocab-blocks"])
 def test_fused_linear_logprobs_triton(vocab_block, monkeypatch):
-    monkeypatch.setattr(fh, "MIN_CHUNK_TOKENS", 6)
+    monkeypatch.setattr(ll, "MIN_CHUNK_TOKENS", 6)
     c = make_case(N=3, T=6, H=24, V=150, dtype=torch.float32, seed=6)
     budget = 6 * (vocab_block or 150) * 4
     lp, ent = fused_linear_logprobs(c["hidden"], c["weight"], c["ids"], bias=c["bias"], temperature=0.7,
@@ -164,7 +164,7 @@ def test_fused_linear_logprobs_triton(vocab_block, monkeypatch):
 def test_loss_from_hidden_triton(preset, tokens, monkeypatch):
     """One pass (DAPO, chunks of 5 tokens: logits stored by the stats kernel, gradient in place) and two passes
     (GSPO with rows longer than a chunk of 2: logits recomputed in the backward)."""
-    monkeypatch.setattr(fh, "MIN_CHUNK_TOKENS", 1)
+    monkeypatch.setattr(ll, "MIN_CHUNK_TOKENS", 1)
     calls = []
     orig = K.TritonChunkOps.one_pass
     monkeypatch.setattr(K.TritonChunkOps, "one_pass", lambda self, *a: calls.append(1) or orig(self, *a))
