@@ -259,3 +259,43 @@ def format_extra(rep: dict) -> str:
     for name, met, what in targets(rep):
         lines.append(f"target {name}: {'met' if met else 'MISSED' if met is False else 'not measured'} ({what})")
     return "\n".join(lines)
+
+
+# -- a cross-check of the CPU peak memory: one fresh process per provider -------------------------------------------
+_ISOLATED = r"""
+import json, sys
+import torch
+from bench import from_hidden_bench as op
+from bench.harness import ModeRunner, peak_memory
+n, t, h = (int(x) for x in sys.argv[2:5])
+inp = op.make_inputs(n, t, h)
+prov = op.providers()[sys.argv[1]]
+runner = ModeRunner(prov, inp, "full", op.leaves(inp, prov.name))
+runner.setup()
+runner()  # first call: compilation, lazily built state
+print(json.dumps({"provider": prov.name, "peak_mem_bytes": peak_memory(runner, torch.device("cpu"))}))
+"""
+
+
+def isolated_peaks(shape: tuple[int, int, int], names=("naive", "naive_compiled", "liger", "ours")) -> dict:
+    """{provider: peak bytes of one fwd+bwd} measured as the harness does (RSS high-water mark above the pre-call
+    RSS, glibc serving every block >= 64 KiB by mmap), but each provider in a fresh process after one untimed call:
+    nothing another provider allocated, cached or fragmented is there to hide or add memory."""
+    import json
+    import subprocess
+    import sys
+
+    out = {}
+    for name in names:
+        proc = subprocess.run([sys.executable, "-c", _ISOLATED, name, *map(str, shape)], capture_output=True,
+                              text=True, check=True)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_bytes"]
+    return out
+
+
+if __name__ == "__main__":  # python -m bench.from_hidden_bench N T H: the isolated peaks, in MB
+    import sys as _sys
+
+    _shape = tuple(int(x) for x in _sys.argv[1:4]) if len(_sys.argv) >= 4 else (4, 512, 256)
+    for _name, _peak in isolated_peaks(_shape).items():
+        print(f"{_name}: {_peak / 2**20:.1f} MB")
