@@ -147,35 +147,44 @@ def _warn_no_native(op: str) -> None:
                       f"{cpu_loss.BUILD_HINT}.", RuntimeWarning, stacklevel=4)
 
 
+def _resolve(op: str, backend: str, device: torch.device, fp64: bool) -> str:
+    """The concrete backend that runs `op`: 'torch' | 'compiled' | 'triton' | 'native'. The one place where 'auto',
+    float64 and a caller's torch.compile are decided."""
+    if backend == "torch" or (fp64 and backend in ("triton", "native")):
+        return "torch"
+    if backend in ("triton", "native"):
+        return backend
+    if backend == "auto" and not fp64:
+        if device.type == "cuda" and _triton_fn(op) is not None:
+            return "triton"
+        if device.type == "cpu" and _native_fn(op) is not None:
+            return "native"
+    if backend == "auto" and device.type == "cuda" and _triton_fn(op) is not None:
+        return "torch"  # float64 on CUDA: the eager reference
+    if compiling():  # inside a caller's torch.compile: its compiler handles the reference
+        return "torch"
+    if backend == "auto":
+        if device.type == "cpu" and not fp64:
+            _warn_no_native(op)
+        if _compile_disabled() or _COMPILE_FAILED:
+            return "torch"
+    return "compiled"
+
+
 def _dispatch(op: str, backend: str, device: torch.device, fp64: bool, args: tuple):
+    chosen = _resolve(op, backend, device, fp64)
     reference = _OPS[op][0]
-    native_auto = backend == "auto" and device.type == "cpu" and not fp64
-    if compiling():  # inside a caller's torch.compile: its compiler handles the reference, the kernel is an op
-        use_triton = not fp64 and (backend == "triton" or (
-            backend == "auto" and device.type == "cuda" and _triton_fn(op) is not None))
-        if use_triton:
-            return _run_triton(op, args)
-        if (backend == "native" and not fp64) or (native_auto and _native_fn(op) is not None):
-            return _run_native(op, device, args)
+    if chosen == "torch":
         return reference(*args)
-    if backend == "torch" or (backend in ("triton", "native") and fp64):
-        return reference(*args)
-    if backend == "triton":
+    if chosen == "triton":
         return _run_triton(op, args)
-    if backend == "native" or (native_auto and _native_fn(op) is not None):
+    if chosen == "native":
         return _run_native(op, device, args)
-    if native_auto:
-        _warn_no_native(op)
     if backend == "compiled":
         return _compiled(op)(*args)
-    # auto
-    if device.type == "cuda" and _triton_fn(op) is not None:
-        return _run_triton(op, args) if not fp64 else reference(*args)
-    if _compile_disabled() or _COMPILE_FAILED:
-        return reference(*args)
-    try:
+    try:  # auto: a compiler failure falls back to the (identical) eager reference, once and for all
         return _compiled(op)(*args)
-    except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the (identical) eager reference
+    except Exception as e:  # noqa: BLE001
         _COMPILE_FAILED.append(repr(e))
         warnings.warn(f"hadw_kernels: torch.compile failed ({type(e).__name__}: {e}); using the eager reference from "
                       f"now on. Set HADW_KERNELS_NO_COMPILE=1 to skip the attempt.", RuntimeWarning, stacklevel=4)
