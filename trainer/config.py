@@ -26,7 +26,7 @@ from hadw_kernels import DifficultyAnchor, LossConfig
 LOSS_PRESETS = ("grpo", "dapo", "gspo", "dr_grpo")
 LOSS_BACKENDS = ("auto", "torch", "compiled", "triton")
 TASKS = ("arith", "jsonl")
-REWARDS = ("exact", "math_verify")
+REWARDS = ("last_value", "exact", "math_verify")
 ARCHS = ("qwen2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 PARALLEL_BACKENDS = ("single", "ddp", "fsdp2", "zero2", "zero3")
@@ -84,8 +84,9 @@ class TaskConfig:
     """Prompt text; `{question}` is replaced by the problem. Math recipes use the paper's template."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template (instruct models)."""
-    reward: str = "exact"
-    """'exact': stripped response == answer; 'math_verify': last \\boxed{} answer checked with math-verify."""
+    reward: str = "last_value"
+    """'last_value': the response's last comma-separated value == answer (the arith task's running totals);
+    'exact': stripped response == answer; 'math_verify': last \\boxed{} answer checked with math-verify."""
     max_prompt_len: int = 1024
     """Prompts longer than this many tokens are dropped from the dataset (with a count in the log)."""
 
@@ -354,8 +355,8 @@ class JobConfig:
             errs.append("task.name='jsonl' needs task.path=FILE.jsonl (fields: problem, answer, optional level)")
         if t.name == "jsonl" and not m.path:
             errs.append("task.name='jsonl' needs model.path=LOCAL_HF_MODEL_DIR (nothing is downloaded)")
-        if t.name == "arith" and t.reward != "exact":
-            errs.append("task.name='arith' scores by exact match; set task.reward=exact")
+        if t.name == "arith" and t.reward != "last_value":
+            errs.append("task.name='arith' scores the last running total; set task.reward=last_value")
         if t.name == "arith" and (not t.levels or any(lv not in range(1, 6) for lv in t.levels)):
             errs.append(f"task.levels={t.levels!r} must be a non-empty subset of 1,2,3,4,5")
         if "{question}" not in t.prompt_template:

@@ -1,8 +1,9 @@
 """The supervised warm-up that makes the tiny job's "base model", cached by config hash so reruns skip it.
 
-RL needs a policy that is sometimes right on hard prompts. A random tiny model never is, so the job first trains
-it briefly on (prompt, answer) pairs of the arithmetic task: long enough that easy levels are solved and hard
-levels are not, short enough that RL has something to lift. The result is an ordinary HF model directory.
+RL needs a policy that is sometimes, but not always, right on most prompts. A random tiny model never is, so the
+job first trains it briefly on worked solutions of the arithmetic task (prompt -> running totals, the eval problems
+held out): long enough that every level is reachable, short enough that sampled answers are still often wrong,
+which is what RL lifts. The result is an ordinary HF model directory.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any
 import torch
 
 from hadw_trainer.config import JobConfig
-from hadw_trainer.data.tasks import ArithTask
+from hadw_trainer.data.tasks import ArithTask, task_problems
 from hadw_trainer.model import build_tiny_model, char_tokenizer, save_model
 
-SFT_VERSION = 1  # bump when the warm-up recipe changes, so stale caches are not reused
+SFT_VERSION = 2  # bump when the warm-up recipe changes, so stale caches are not reused
 
 
 def cache_root(cfg: JobConfig) -> str:
@@ -35,17 +36,17 @@ def base_model_key(cfg: JobConfig) -> str:
     m, s = cfg.model, cfg.sft
     blob = dict(v=SFT_VERSION, arch=m.arch, hidden=m.hidden_size, layers=m.num_layers, heads=m.num_heads,
                 inter=m.intermediate_size, maxpos=m.max_position_embeddings, dtype=m.dtype,
-                levels=list(cfg.task.levels),
+                levels=list(cfg.task.levels), held_out=[cfg.task.eval_per_level, cfg.task.eval_seed],
                 template=cfg.task.prompt_template, steps=s.steps, bs=s.batch_size, lr=s.lr, seed=s.seed)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _batch(tok: Any, task: ArithTask, rng: random.Random, n: int, template: str) -> tuple[torch.Tensor, ...]:
-    """Right-padded [prompt answer <eos>] rows and a mask over the answer + EOS tokens (the supervised part)."""
+    """Right-padded [prompt solution <eos>] rows and a mask over the solution + EOS tokens (the supervised part)."""
     rows, masks = [], []
     for p in task.sample(rng, n):
         prompt = tok(template.replace("{question}", p.question), add_special_tokens=False).input_ids
-        answer = tok(p.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        answer = tok(p.solution or p.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
         rows.append(prompt + answer)
         masks.append([0] * len(prompt) + [1] * len(answer))
     width = max(map(len, rows))
@@ -69,7 +70,7 @@ def warmup(cfg: JobConfig, log: Any = print) -> str:
         tok = char_tokenizer()
         model = build_tiny_model(cfg.model, tok)
         model.train()
-        task = ArithTask(cfg.task.levels)
+        task = task_problems(cfg.task, s.seed)[0].task  # the RL task itself, eval problems held out
         rng = random.Random(f"sft-{s.seed}")
         opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01, betas=(0.9, 0.98))
         warm = max(1, s.steps // 20)

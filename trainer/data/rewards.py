@@ -1,8 +1,11 @@
-"""Rewards: exact match (synthetic tasks) and boxed-answer checking with math-verify (math datasets).
+"""Rewards: the last value of a worked answer (the arithmetic task), exact match, and boxed-answer checking with
+math-verify (math datasets).
 
 Each reward function maps (response text, reference answer) -> float in [0, 1] and never raises: a malformed
 response scores 0.
 
+    >>> last_value("41,39,33", "33"), last_value("41,39,32", "33")
+    (1.0, 0.0)
     >>> exact_match(" 42 ", "42")
     1.0
     >>> math_verify_reward("so \\\\boxed{\\\\frac{1}{2}}", "0.5")
@@ -19,6 +22,12 @@ import torch
 def exact_match(response: str, answer: str) -> float:
     """1.0 when the stripped response equals the stripped answer."""
     return float(response.strip() == answer.strip())
+
+
+def last_value(response: str, answer: str) -> float:
+    """1.0 when the last comma-separated field of the response equals the answer (the fields before it are the
+    model's working and are not graded, like the steps before a boxed answer)."""
+    return float(response.rsplit(",", 1)[-1].strip() == answer.strip())
 
 
 def _math_verify():
@@ -65,7 +74,8 @@ def math_verify_reward(response: str, answer: str) -> float:
         return 0.0
 
 
-REWARD_FNS: dict[str, Callable[[str, str], float]] = {"exact": exact_match, "math_verify": math_verify_reward}
+REWARD_FNS: dict[str, Callable[[str, str], float]] = {"last_value": last_value, "exact": exact_match,
+                                                      "math_verify": math_verify_reward}
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:

@@ -5,8 +5,8 @@ the global batch of a step does not depend on the number of ranks, and the curso
 
     >>> task = ArithTask(levels=(1, 2, 3, 4, 5))
     >>> p = task.problem(random.Random(0), level=3)
-    >>> p.level, eval(p.question) == int(p.answer)
-    (3, True)
+    >>> p.question, p.solution, p.answer
+    ('6-1-5+7-4', '5,0,7,3', '3')
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-# Level -> (number of operations, digits per operand). Operations are + and -; answers may be negative.
-# Chosen so that a ~1M-parameter char model after a 1-2 minute warm-up is near-perfect on level 1 and
-# rarely right on level 5 (see docs/results.md for the measured numbers).
-ARITH_LEVELS: dict[int, tuple[int, int]] = {1: (1, 1), 2: (2, 1), 3: (1, 2), 4: (2, 2), 5: (3, 2)}
-ARITH_CHARS = "0123456789+-="
+# Level L: L + 1 operations (+ or -) on one-digit numbers whose running total stays within 0-9, e.g. level 2 is
+# "3+4-2+5" (= 10 would leave the range, so it is never drawn; "3+4-2-5" is). The model answers with the running
+# total after each operation, comma-separated ("7,5,0"), and the reward reads the last one. Every step is a
+# one-digit fact a tiny model learns quickly; a level is hard because all its steps must be right, so accuracy
+# falls with the chain length (docs/results.md).
+ARITH_LEVELS = (1, 2, 3, 4, 5)
+ARITH_CHARS = "0123456789+-=,"
 
 
 @dataclass(frozen=True)
@@ -31,48 +33,67 @@ class Problem:
     question: str
     """The problem text, before the prompt template."""
     answer: str
-    """The reference answer (exact string for 'arith'; LaTeX or plain for math-verify)."""
+    """The reference answer (the final value for 'arith'; LaTeX or plain for math-verify)."""
     level: int | None = None
     """Difficulty level (1-5) when known."""
+    solution: str | None = None
+    """A worked answer ending in `answer` (arith: the running totals), what the supervised warm-up imitates."""
 
 
 class ArithTask:
-    """Integer arithmetic: level sets the operand size and the number of + / - operations."""
+    """Running-total arithmetic; the level is the number of operations. Problems in `held_out` (questions) are never
+    drawn by `sample`, so the eval set stays unseen by the warm-up and by RL."""
 
-    def __init__(self, levels: tuple[int, ...] = (1, 2, 3, 4, 5)) -> None:
+    def __init__(self, levels: tuple[int, ...] = ARITH_LEVELS, held_out: frozenset[str] = frozenset()) -> None:
         bad = [lv for lv in levels if lv not in ARITH_LEVELS]
         if bad or not levels:
-            raise ValueError(f"ArithTask: levels must be a non-empty subset of {sorted(ARITH_LEVELS)}, got {levels}")
+            raise ValueError(f"ArithTask: levels must be a non-empty subset of {list(ARITH_LEVELS)}, got {levels}")
         self.levels = tuple(levels)
+        self.held_out = held_out
 
     @staticmethod
     def problem(rng: random.Random, level: int) -> Problem:
-        n_ops, digits = ARITH_LEVELS[level]
-        lo = 0 if digits == 1 else 10 ** (digits - 1)
-        nums = [rng.randint(lo, 10**digits - 1) for _ in range(n_ops + 1)]
-        ops = [rng.choice("+-") for _ in range(n_ops)]
-        text = str(nums[0]) + "".join(o + str(n) for o, n in zip(ops, nums[1:], strict=True))
-        value = nums[0]
-        for o, n in zip(ops, nums[1:], strict=True):
-            value = value + n if o == "+" else value - n
-        return Problem(question=text, answer=str(value), level=level)
+        total = rng.randint(0, 9)
+        text, totals = str(total), []
+        for _ in range(level + 1):
+            op = rng.choice("+-")
+            if (op == "+" and total == 9) or (op == "-" and total == 0):
+                op = "-" if op == "+" else "+"
+            n = rng.randint(1, 9 - total if op == "+" else total)
+            total += n if op == "+" else -n
+            text += op + str(n)
+            totals.append(str(total))
+        return Problem(question=text, answer=totals[-1], level=level, solution=",".join(totals))
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
-        return [self.problem(rng, rng.choice(self.levels)) for _ in range(n)]
+        out = []
+        while len(out) < n:
+            p = self.problem(rng, rng.choice(self.levels))
+            if p.question not in self.held_out:
+                out.append(p)
+        return out
 
     def eval_set(self, per_level: int, seed: int) -> list[Problem]:
-        """A fixed held-out set: `per_level` distinct problems per level (fewer where fewer exist)."""
+        """A fixed held-out set: `per_level` distinct problems per level (level 1 has 810 distinct problems; hold out
+        a small part of them, so that training still covers the level)."""
         out: list[Problem] = []
         for level in self.levels:
             rng = random.Random(f"arith-eval-{seed}-{level}")
             seen: dict[str, Problem] = {}
-            for _ in range(per_level * 20):
+            for _ in range(per_level * 50):
                 if len(seen) == per_level:
                     break
                 p = self.problem(rng, level)
                 seen.setdefault(p.question, p)
+            if len(seen) < per_level:
+                raise ValueError(f"ArithTask.eval_set: level {level} has fewer than {per_level} distinct problems to "
+                                 f"hold out; lower task.eval_per_level")
             out.extend(seen.values())
         return out
+
+    def holding_out(self, problems: list[Problem]) -> ArithTask:
+        """The same task with `problems` never drawn."""
+        return ArithTask(self.levels, self.held_out | frozenset(p.question for p in problems))
 
 
 def _parse_level(value: Any) -> int | None:
@@ -178,8 +199,8 @@ class PromptSource:
 def task_problems(task: Any, seed: int) -> tuple[PromptSource, list[Problem]]:
     """(the training prompt stream of run seed `seed`, the fixed held-out problems) for a `TaskConfig`."""
     if task.name == "arith":
-        arith = ArithTask(task.levels)
-        return PromptSource(seed, task=arith), arith.eval_set(task.eval_per_level, task.eval_seed)
+        evals = ArithTask(task.levels).eval_set(task.eval_per_level, task.eval_seed)
+        return PromptSource(seed, task=ArithTask(task.levels).holding_out(evals)), evals
     train = load_jsonl(task.path)
     evals = load_jsonl(task.eval_path) if task.eval_path else train
     if task.eval_per_level:
