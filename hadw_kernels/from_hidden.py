@@ -237,7 +237,7 @@ def hadw_policy_loss_from_hidden(
     check_backend(backend, LOGPROB_BACKENDS)
     check_backend(loss_backend)
     budget = _check_budget(memory_budget, hidden.device)
-    valid = _valid_mask(mask, target_ids.shape)
+    valid = _valid_mask(mask, target_ids)
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids = target_ids.reshape(-1)
     compute = compute_dtype(hidden)

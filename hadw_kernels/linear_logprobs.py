@@ -108,19 +108,28 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=None)
 
 
-def _elementwise(fn, *args):
-    """fn(*args), compiled where it pays (COMPILE_MIN_ELEMENTS) and compiles; the in-place helpers compile without a
-    [C, Vb] temporary (measured: 0 bytes above the buffer)."""
-    z = args[0]
+EAGER_SLICE_ELEMENTS = 2**20
+"""The eager helpers run on row slices of at most this many logits: each of their steps allocates a temporary the
+size of its input (three or four alive at once), so a whole chunk would hold several chunks' worth of logits."""
+
+
+def _elementwise(fn, z, *per_row):
+    """fn(z, *per_row) for z [C, Vb] and per-row operands [C, 1], compiled where it pays (COMPILE_MIN_ELEMENTS) and
+    compiles; the in-place helpers compile without a [C, Vb] temporary (measured: 0 bytes above the buffer). Eager:
+    on row slices (EAGER_SLICE_ELEMENTS), so that the temporaries stay a small fraction of the chunk."""
     if z.numel() >= COMPILE_MIN_ELEMENTS and not _COMPILE_FAILED and not compiling() and \
             os.environ.get("HADW_KERNELS_NO_COMPILE", "0") in ("", "0"):
         try:
-            return _compiled(fn)(*args)
+            return _compiled(fn)(z, *per_row)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same eager code
             _COMPILE_FAILED.append(repr(e))
             warnings.warn(f"hadw_kernels.from_hidden: torch.compile failed ({type(e).__name__}: {e}); the chunk "
                           f"reductions run eagerly from now on", RuntimeWarning, stacklevel=3)
-    return fn(*args)
+    rows = max(1, EAGER_SLICE_ELEMENTS // max(z.shape[1], 1))
+    if rows >= z.shape[0]:
+        return fn(z, *per_row)
+    parts = [fn(z[r0:r0 + rows], *(a[r0:r0 + rows] for a in per_row)) for r0 in range(0, z.shape[0], rows)]
+    return None if parts[0] is None else tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
 
 class TorchChunkOps:
@@ -547,11 +556,15 @@ def _check_budget(memory_budget, device: torch.device) -> int:
     return memory_budget
 
 
-def _valid_mask(mask, shape, name="mask") -> torch.Tensor:
+def _valid_mask(mask, target_ids: torch.Tensor, name="mask") -> torch.Tensor:
+    """mask (bool, integer or float, the shape and device of target_ids) -> bool."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected {tuple(shape)} (the shape of target_ids)")
+    if mask.shape != target_ids.shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected {tuple(target_ids.shape)} (the shape of "
+                         f"target_ids)")
+    if mask.device != target_ids.device:
+        raise ValueError(f"{name} is on {mask.device} but target_ids is on {target_ids.device}")
     if not (mask.dtype.is_floating_point or mask.dtype in INT_DTYPES):
         raise ValueError(f"{name} must be bool, integer or float, got dtype {mask.dtype}")
     return mask if mask.dtype == torch.bool else mask != 0
@@ -606,7 +619,7 @@ def fused_linear_logprobs(
     if mask is None:
         index, targets = None, ids.long()
     else:
-        valid = _valid_mask(mask, target_ids.shape).reshape(-1)
+        valid = _valid_mask(mask, target_ids).reshape(-1)
         index = valid.nonzero().squeeze(1)
         targets = ids.index_select(0, index).long()
     _check_ids(targets, weight.shape[0])

@@ -6,8 +6,12 @@ bad input; the custom op (opcheck, fullgraph compile); chunk temporaries within 
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hadw_kernels import LossConfig, hadw_policy_loss
 from hadw_kernels import linear_logprobs as ll
@@ -426,6 +430,7 @@ def _bad_cases():
         (case(temperature=float("nan")), r"temperature must be a finite number > 0"),
         (case(memory_budget=0), r"memory_budget must be a positive int"),
         (case(mask=torch.ones(3, 6, dtype=torch.bool)), r"mask has shape \(3, 6\)"),
+        (case(mask=torch.ones(3, 7, dtype=torch.bool, device="meta")), r"mask is on meta but target_ids is on cpu"),
         (case(old=torch.zeros(3, 6, dtype=torch.float64)), r"old_logprobs has shape \(3, 6\)"),
         (case(adv=torch.zeros(4, dtype=torch.float64)), r"advantages has shape \(4,\)"),
         (case(hidden=torch.zeros(3, 7, 2, 12, dtype=torch.float64)), r"hidden must be \[N, T, H\] or packed"),
@@ -483,6 +488,20 @@ def test_nonfinite_hidden_at_valid_positions_raise(value, chunk, monkeypatch):
             fused_linear_logprobs(c["hidden"], c["weight"], c["ids"], bias=c["bias"], mask=c["mask"])
         else:
             ours(c, LossConfig.grpo(), memory_budget=budget_for(3, 150, vocab=None if chunk == "one-pass" else 128))
+
+
+@pytest.mark.parametrize("name, value", [("old", float("nan")), ("adv", float("inf")), ("ref", float("-inf")),
+                                         ("w", float("nan"))])
+def test_nonfinite_loss_inputs_at_valid_positions_raise(name, value):
+    """NaN/Inf in old log-probs, advantages, ref log-probs or IS weights at a valid position: a ValueError naming
+    the tensor, before any chunk is computed (at padding, NaN old log-probs are fine: every case has them)."""
+    c = make_case(seed=30, with_ref=True, with_is=True)
+    t = c[name].clone()
+    t.view(-1)[0] = value  # row 0, column 0: valid
+    c[name] = t
+    label = {"old": "old_logprobs", "adv": "advantages", "ref": "ref_logprobs", "w": "rollout_is_weights"}[name]
+    with pytest.raises(ValueError, match=rf"non-finite values at valid \(mask=1\) positions: {label}: 1 NaN/Inf"):
+        ours(c, LossConfig.grpo(kl_coef=0.1))
 
 
 def test_nonfinite_weight_is_named():
@@ -563,6 +582,78 @@ def test_chunk_temporaries_stay_within_the_budget(budget_tokens, vocab, monkeypa
     ours(c, LossConfig.dapo(), memory_budget=budget).loss.backward()
     assert sizes and max(sizes) <= budget
     assert max(sizes) < c["mask"].sum().item() * 150 * 8  # far below the whole logits
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors aten ops allocate while the mode is on and that are still referenced: an op output
+    whose storage is none of its inputs' counts from its creation until its tensor is freed (weakref.finalize)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, n):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = pytree.tree_leaves((args, kwargs))
+        seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                n = t.untyped_storage().nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
+
+
+@pytest.mark.parametrize("strategy_name, eager_slice", [("one-pass", 3000), ("two-pass", 3000), ("one-pass", None)],
+                         ids=["one-pass", "two-pass", "one-pass-whole-chunk-steps"])
+def test_one_chunk_of_logits_alive(strategy_name, eager_slice, monkeypatch):
+    """The peak of everything the torch path allocates in a forward + backward (eager helpers, no compile) is one
+    chunk's logits buffer + the gradient accumulators + a small rest, far below the whole logits: the eager helpers'
+    temporaries (one per step) live on row slices only. One pass: the chunk loop of the loss; two passes: the drivers
+    of fused_linear_logprobs (its custom op hides its insides from a dispatch mode), forward then backward."""
+    monkeypatch.setenv("HADW_KERNELS_NO_COMPILE", "1")
+    monkeypatch.setattr(ll, "MIN_CHUNK_TOKENS", 1)
+    if eager_slice is not None:
+        monkeypatch.setattr(ll, "EAGER_SLICE_ELEMENTS", eager_slice)
+    N, T, H, V, chunk = 8, 10, 4, 3000, 16
+    c = make_case(N=N, T=T, H=H, V=V, seed=29, masked_rows=(), full=True)
+    budget = budget_for(chunk, V)
+    accumulators = (V * H + V + N * T * H + chunk * H) * 8  # d weight, d bias, d hidden, one chunk's d hidden
+    tracker = LiveBytes()
+    if strategy_name == "one-pass":
+        with tracker:
+            out = ours(c, LossConfig.dapo(), memory_budget=budget)
+        got = grads(out.loss, c)
+        want = grads(reference_loss(c, LossConfig.dapo())[0].loss, c)
+    else:
+        flat, ids = c["hidden"].detach().reshape(-1, H), c["ids"].reshape(-1)
+        tok, ops = ll._Tokens(flat, None, ids), ll.TorchChunkOps(torch.float64)
+        plan = ll.ChunkPlan(chunk, V)
+        g_lp, g_ent = torch.randn(N * T, dtype=torch.float64), torch.randn(N * T, dtype=torch.float64)
+        with tracker:
+            lp, ent, lse = ll._forward(ops, tok, c["weight"].detach(), c["bias"].detach(), 1.0, plan)
+            acc = ll._Grads(tok, c["weight"], c["bias"], torch.float64, True, True, True)
+            ll._backward(ops, tok, c["weight"].detach(), c["bias"].detach(), 1.0, plan, lse, ent, g_lp, g_ent, acc)
+        got = acc.results(c["weight"], c["bias"])
+        rlp, rent = reference(c["hidden"], c["weight"], c["bias"], c["ids"], c["mask"])
+        want = grads((rlp.reshape(-1) * g_lp + rent.reshape(-1) * g_ent).sum(), c)
+        got = (got[0].view_as(c["hidden"]), *got[1:])
+    for name, a, b in zip(("hidden", "weight", "bias"), got, want, strict=True):
+        assert_close(a, b, 1e-11, f"grad {name}")
+    logits = N * T * V * 8
+    rest = tracker.peak - budget - accumulators
+    print(f"peak {tracker.peak} B: chunk {budget}, accumulators {accumulators}, rest {rest}; whole logits {logits}")
+    assert tracker.peak > budget  # the tracker sees the chunk buffer
+    if eager_slice is not None:
+        assert rest <= budget // 2, f"{rest} bytes above one chunk ({budget}) and the accumulators"
+        assert tracker.peak < logits / 2
+    else:  # the tracker sees what the slices avoid: several chunk-sized temporaries at once
+        assert rest > budget
 
 
 @pytest.mark.slow
