@@ -97,10 +97,19 @@ step bench_policy 35 "$py" -m bench --op policy_loss --devices cuda --dtype bf16
     --providers reference,compiled,triton --reps 30 --json "$out/bench_cuda_policy_bf16.json"
 
 # -- LOSS FROM HIDDEN STATES (hadw_kernels/ops/triton_linear_logprobs.py): its GPU tests and its from-hidden table ---
-# Reserved for that work: ~80 s of the budget is left for these steps (the four above take at most 260 s). Add them
-# here, one `step` each, writing at most two more files under $out, e.g.
-#   step hidden_tests 45 "$py" -m pytest -q -p no:cacheprovider -rs -m gpu tests/<its GPU test file>
-#   step bench_hidden 50 "$py" -m bench --op <its op> --devices cuda --dtype bf16 ... --json "$out/bench_cuda_hidden.json"
+# ~80 s of the budget (the four steps above take at most 260 s); one more file under $out.
+#   hidden_tests: the compiled stats / dlogits kernels at V = 151,936 in bf16 and fp32 against materialised fp32
+#     logits (log-probs, entropy, gradients of hidden, weight, bias; whole vocabulary and vocabulary blocks), and the
+#     loss from hidden states at 16k tokens, H = 2560, bf16, one pass and two passes, Triton against the torch path.
+#     HADW_KERNELS_NO_COMPILE=1: the torch path's chunk helpers run eagerly there (no Inductor compile in this step).
+#   bench_hidden: the from-hidden table in bf16 at 16k tokens (16 x 1024), H = 2560 (Qwen3-4B), V = 151,936:
+#     naive, torch.compile(naive), Liger's LigerFusedLinearGRPOLoss (from bench/vendor) and ours (Triton), fwd+bwd
+#     time, tokens/s, peak memory (max_memory_allocated) and the targets; few reps: a call takes ~0.1 s, the first
+#     calls (two torch.compile's, Liger's compile, the Triton kernels) take most of the step.
+step hidden_tests 35 env HADW_KERNELS_NO_COMPILE=1 "$py" -m pytest -q -p no:cacheprovider -rs -m gpu \
+    tests/test_triton_linear_logprobs_gpu.py
+step bench_hidden 45 "$py" -m bench --op from_hidden --devices cuda --dtype bf16 --shape 16 1024 2560 \
+    --providers naive,naive_compiled,liger,ours --reps 10 --warmup 2 --json "$out/bench_cuda_hidden_bf16.json"
 # -- end of the loss-from-hidden steps ----------------------------------------------------------------------------------
 
 echo "gpu_check: exit $status in $((SECONDS - start))s; files in $out" | tee -a "$summary"

@@ -18,7 +18,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from hadw_kernels import LossConfig, fused_linear_logprobs, hadw_policy_loss, hadw_policy_loss_from_hidden  # noqa: E402
+from hadw_kernels.linear_logprobs import plan_chunks  # noqa: E402
 from hadw_kernels.ops import _triton_runtime  # noqa: E402
+from hadw_kernels.ops.triton_linear_logprobs import TritonChunkOps  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -69,9 +71,12 @@ TOL = {torch.float32: (2e-5, 1e-4, 2e-5), torch.bfloat16: (2e-4, 3e-2, 8e-3)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("budget", [None, 64 * 2**20], ids=["default-budget", "vocab-blocks"])
+@pytest.mark.parametrize("budget", [None, 8 * 2**20], ids=["default-budget", "vocab-blocks"])
 def test_fused_linear_logprobs_cuda(dtype, budget):
     hidden, weight, bias, ids, mask = make(4, 300, 1024, dtype, bias=True)
+    if budget is not None:  # 8 MiB: chunks of 64 tokens over vocabulary blocks of 32k (fp32) or 64k (bf16) entries
+        plan = plan_chunks(int(mask.sum()), V, TritonChunkOps.bytes_per_logit(torch.float32, dtype, False), budget)
+        assert plan.vocab < V
     lp, ent = fused_linear_logprobs(hidden, weight, ids, bias=bias, temperature=0.9, mask=mask, memory_budget=budget,
                                     backend="triton")
     rlp, rent = reference(hidden, weight, bias, ids, mask, 0.9)
