@@ -176,6 +176,10 @@ class _LossWithGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("hadw_policy_loss_from_hidden: trying to backward through the loss a second time; its "
+                               "gradients were handed on and released by the first backward (pass retain_graph=True "
+                               "to the first backward to keep them)")
         keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()
         if not keep:
             ctx.grads = None

@@ -367,6 +367,24 @@ def test_backward_scales_by_the_incoming_gradient(strategy):
         assert_close(a, b, 1e-11, f"grad {name}")
 
 
+def test_backward_twice_with_a_retained_graph(strategy):
+    """One pass: the gradients are kept for a second backward only when the graph is retained; without it a second
+    backward is a clear error (they were released), not a silent zero."""
+    cfg = LossConfig.grpo()
+    c = make_case(seed=31)
+    out = ours(c, cfg)
+    assert strategy
+    out.loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in params(c)]
+    out.loss.backward()
+    want = grads(reference_loss(c, cfg)[0].loss, c)
+    for name, a, b, w in zip(("hidden", "weight", "bias"), first, params(c), want, strict=True):
+        assert_close(a, w, 1e-11, f"grad {name}")
+        assert_close(b.grad, 2 * w, 1e-11, f"grad {name}, accumulated twice")
+    with pytest.raises(RuntimeError, match="backward through the loss a second time"):
+        out.loss.backward()
+
+
 def test_only_what_requires_grad(strategy):
     """A frozen LM head (e.g. LoRA) gets no gradient and costs no weight matmul; no grad at all: a plain forward."""
     cfg = LossConfig.grpo()
