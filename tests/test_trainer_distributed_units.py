@@ -32,8 +32,10 @@ def _invalid(*overrides: str, world_size: int = 1) -> str:
 def test_parallel_config_validation():
     assert "choose one of single, ddp, fsdp2, zero2, zero3" in _invalid("parallel.backend=fsdp")
     assert "DeepSpeed's CPU offload" in _invalid("parallel.backend=ddp", "parallel.offload=true")
-    for backend in ("ddp", "fsdp2", "zero3"):
-        assert "single or zero2" in _invalid(f"parallel.backend={backend}", "model.logprob_chunk_tokens=64")
+    for backend in ("single", "ddp", "fsdp2", "zero2", "zero3"):  # the from-hidden LM head runs on every backend
+        apply_overrides(get_recipe("tiny-arith"), [f"parallel.backend={backend}", "model.logprob_memory_mb=1"]
+                        ).validate(2)
+    assert "model.logprob_memory_mb=-1.0 must be >= 0" in _invalid("model.logprob_memory_mb=-1")
     assert "choose one of hf, vllm" in _invalid("rollout.engine=sglang")
     assert "must divide world_size=2" in _invalid("rollout.engine=vllm", "rollout.vllm_tensor_parallel_size=4",
                                                   world_size=2)

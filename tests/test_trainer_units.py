@@ -254,47 +254,6 @@ def test_overlong_penalty():
     assert overlong_penalty(torch.tensor([8]), 8, 0, 1.0).tolist() == [0.0]
 
 
-def test_chunked_logprobs_match_whole():
-    """The checkpointed, chunked LM-head path gives the same log-probs and gradients as the one-shot path."""
-    import torch
-
-    from hadw_trainer.config import ModelConfig
-    from hadw_trainer.logprobs import ResponseRows, response_logprobs
-    from hadw_trainer.model import build_tiny_model, char_tokenizer
-
-    torch.manual_seed(0)
-    tok = char_tokenizer()
-    model = build_tiny_model(ModelConfig(hidden_size=32, num_layers=1, intermediate_size=64), tok)
-    p_ids = torch.randint(3, len(tok), (6, 5))
-    p_mask = torch.ones_like(p_ids)
-    p_mask[0, :2] = 0  # left padding
-    r_ids = torch.randint(3, len(tok), (6, 4))
-    r_mask = torch.ones_like(r_ids)
-    r_mask[1, 2:] = 0
-    rows = ResponseRows(p_ids, p_mask, r_ids, r_mask)
-    outs = []
-    for chunk in (0, 5):
-        model.zero_grad()
-        lp, ent = response_logprobs(model, rows, temperature=0.7, chunk_tokens=chunk, with_entropy=True)
-        (lp * torch.arange(24.0).view(6, 4)).sum().backward()
-        outs.append((lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]))
-        assert torch.equal(lp, response_logprobs(model, rows, temperature=0.7, chunk_tokens=chunk))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
-    for a, b in zip(outs[0][2], outs[1][2], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    # against the definition: log-softmax of the full logits at the temperature, entropy of the same distribution
-    with torch.no_grad():
-        ids = torch.cat([p_ids, r_ids], 1)
-        attn = torch.cat([p_mask, r_mask], 1)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
-        logp = torch.log_softmax(logits[:, -5:-1].double() / 0.7, -1)
-        want_lp = logp.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
-        want_ent = -(logp.exp() * logp).sum(-1) * r_mask
-    torch.testing.assert_close(outs[0][0].double(), want_lp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs[0][1].double(), want_ent, rtol=1e-5, atol=1e-5)
-
-
 def test_step_sums_reduce_weighted_means_and_totals():
     """StepSums: value = sum of numerators / sum of weights (here on one process, where the reduction is the
     identity): a token mean over calls of different sizes, a total, and NaN for a name whose weights are all 0."""

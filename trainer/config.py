@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,9 +60,15 @@ class ModelConfig:
     """Parameter dtype: float32 | bfloat16 | float16 (CPU runs should stay float32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (real models with long responses)."""
-    logprob_chunk_tokens: int = 0
-    """Run the LM head + log-softmax on this many response tokens at a time, checkpointed, so the [rows, T, vocab]
-    logits never exist at once (0 = all at once; the real-model recipes use 4096)."""
+    logprob_memory_mb: float = 0.0
+    """MiB of LM-head chunk temporaries for the log-probs and the policy loss (old, ref and policy passes): the
+    head runs from the hidden states on as many tokens (and vocabulary entries) at a time as fit, so the
+    [rows, T, vocab] logits never exist (`hadw_kernels.fused_linear_logprobs`' memory_budget). 0 = the library's
+    default for the device (1 GiB on CUDA, 128 MiB on CPU). Every parallel.backend supports it."""
+
+    def logprob_memory_budget(self) -> int | None:
+        """`logprob_memory_mb` in bytes (at least 1), or None for the library's default."""
+        return max(1, int(self.logprob_memory_mb * 2**20)) if self.logprob_memory_mb > 0 else None
 
 
 @dataclass
@@ -345,12 +352,9 @@ class JobConfig:
         if self.parallel.offload and not self.parallel.backend.startswith("zero"):
             errs.append(f"parallel.offload=true is DeepSpeed's CPU offload; it needs parallel.backend=zero2 or zero3 "
                         f"(not {self.parallel.backend!r})")
-        if m.logprob_chunk_tokens and self.parallel.backend not in ("single", "zero2"):
-            # ddp / fsdp2 only sync what runs through the wrapper's forward; under zero3 the per-chunk head calls
-            # desynchronise the parameter all-gathers across ranks (measured: a hang until the timeout)
-            errs.append(f"model.logprob_chunk_tokens={m.logprob_chunk_tokens} runs the LM head outside the model's "
-                        f"forward, which parallel.backend={self.parallel.backend} cannot follow; use 0, or backend "
-                        f"single or zero2")
+        if not math.isfinite(m.logprob_memory_mb):
+            errs.append(f"model.logprob_memory_mb={m.logprob_memory_mb!r} must be a finite number of MiB (0 = the "
+                        f"library's default)")
         if t.name == "jsonl" and not t.path:
             errs.append("task.name='jsonl' needs task.path=FILE.jsonl (fields: problem, answer, optional level)")
         if t.name == "jsonl" and not m.path:
@@ -376,7 +380,7 @@ class JobConfig:
                        ("optim.weight_decay", o.weight_decay), ("sft.steps", self.sft.steps),
                        ("eval.every", self.eval.every), ("eval.k", self.eval.k),
                        ("checkpoint.every", self.checkpoint.every), ("rollout.overlong_buffer", r.overlong_buffer),
-                       ("train.threads", self.train.threads), ("model.logprob_chunk_tokens", m.logprob_chunk_tokens)):
+                       ("train.threads", self.train.threads), ("model.logprob_memory_mb", m.logprob_memory_mb)):
             positive(key, v, zero_ok=True)
         if r.overlong_buffer >= r.max_new_tokens > 0 and r.overlong_buffer:
             errs.append(f"rollout.overlong_buffer={r.overlong_buffer} must be < rollout.max_new_tokens="

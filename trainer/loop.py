@@ -209,16 +209,16 @@ def rl_step(run: Run, step: int) -> dict[str, Any]:
     mine = adv.advantages.view(dist.world_size(), -1)[dist.rank()]
 
     # old log-probs (and the reference policy's): the policy before this step's first update
-    per_call, chunk = a.micro_batch_prompts * r.group_size, cfg.model.logprob_chunk_tokens
-    old_lp, entropy = batch_logprobs(par.model, batch.gen, per_call, r.temperature, chunk, with_entropy=True)
-    ref_lp = batch_logprobs(run.ref, batch.gen, per_call, r.temperature, chunk) if run.ref is not None else None
+    per_call, budget = a.micro_batch_prompts * r.group_size, cfg.model.logprob_memory_budget()
+    old_lp, entropy = batch_logprobs(par.model, batch.gen, per_call, r.temperature, budget)
+    ref_lp = batch_logprobs(run.ref, batch.gen, per_call, r.temperature, budget)[0] if run.ref is not None else None
 
     # updates: optimizer steps over mini-batches of this rank's rows; then the rollout engine gets the new weights
     sums = StepSums()
     n_updates = update(par, batch.gen, mine, old_lp, run.loss_cfg, sums, mini_rows=a.mini_batch_prompts //
                        dist.world_size() * r.group_size, micro_rows=per_call, epochs=a.ppo_epochs,
                        grad_clip=cfg.optim.grad_clip, temperature=r.temperature, backend=a.backend,
-                       ref_logprobs=ref_lp, chunk_tokens=chunk)
+                       ref_logprobs=ref_lp, memory_budget=budget)
     par.sync_rollout()
     run.engine.sync_weights(par.rollout_module)
 
@@ -264,7 +264,8 @@ def _rollout_sums(sums: StepSums, batch: RolloutBatch, old_lp: torch.Tensor, ent
     n_tok, n_rows = mask.sum().item(), mask.shape[0]
     sums.add("tokens", n_tok, 1.0 / world)
     sums.add("response_len_mean", n_tok, n_rows)
-    sums.add("entropy", (entropy * mask).sum().item(), n_tok)  # of the sampling policy, per response token
+    # the policy that sampled the batch, before the update (the update logs "entropy": the policy being trained)
+    sums.add("rollout_entropy", (entropy * mask).sum().item(), n_tok)
     sums.add("truncated_frac", gen.truncated.float().sum().item() if gen.truncated is not None else 0.0, n_rows)
     if gen.sampling_logprobs is not None:  # sampling engine vs the trainer's recomputed log-probs
         sums.add("rollout_logprob_diff", ((gen.sampling_logprobs - old_lp).abs() * mask).sum().item(), n_tok)

@@ -66,7 +66,7 @@ def paper_run(model: str, loss: str, hadw: bool) -> JobConfig:
     weight decay 0.1, 10 warm-up steps, clip 1.0, no KL, 4096-token responses, 3 epochs (DAPO: 9)."""
     return JobConfig(
         recipe=f"{model}-{loss}{'-hadw' if hadw else ''}",
-        model=ModelConfig(path=None, dtype="bfloat16", gradient_checkpointing=True, logprob_chunk_tokens=4096),
+        model=ModelConfig(path=None, dtype="bfloat16", gradient_checkpointing=True),
         task=TaskConfig(name="jsonl", path=None, prompt_template=PAPER_PROMPT, reward="math_verify",
                         chat_template=model.endswith("instruct"), max_prompt_len=1024, eval_per_level=0),
         # vLLM colocated on each GPU (the paper's setup); its sampling log-probs cost nothing, unlike HF generate's
@@ -81,8 +81,8 @@ def paper_run(model: str, loss: str, hadw: bool) -> JobConfig:
         optim=OptimConfig(lr=1e-6, weight_decay=0.1, warmup_steps=10, grad_clip=1.0),
         eval=EvalConfig(every=20, k=0, greedy=True, batch_prompts=64),
         checkpoint=CheckpointConfig(every=20, keep_last=2),
-        # ZeRO-2: optimizer state and gradients sharded over the 8 GPUs, full bf16 weights on each (what the chunked
-        # LM head and the colocated vLLM engine read directly); 3B-8B fit an 80 GB GPU this way
+        # ZeRO-2: optimizer state and gradients sharded over the 8 GPUs, full bf16 weights on each (what the
+        # colocated vLLM engine reads directly); 3B-8B fit an 80 GB GPU this way
         parallel=ParallelConfig(backend="zero2"),
         # 7.5k MATH problems / 256 per step ~ 29 steps per epoch; 3 epochs (DAPO 9)
         train=TrainConfig(max_steps=(9 if loss == "dapo" else 3) * 30, seed=0, threads=0),
@@ -93,7 +93,7 @@ def math_sample() -> JobConfig:
     """The math pipeline on the shipped sample with tiny sizes: give it any local model (`model.path`)."""
     cfg = paper_run("sample", "grpo", True)
     cfg.recipe = "math-sample"
-    cfg.model = ModelConfig(path=None, dtype="float32", logprob_chunk_tokens=16)
+    cfg.model = ModelConfig(path=None, dtype="float32")
     cfg.task.path = shipped_math_sample()
     cfg.rollout = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=32)
     cfg.parallel = ParallelConfig()

@@ -15,6 +15,13 @@ ddp       torch DistributedDataParallel            DDP buckets, SUM comm hook   
 fsdp2     torch.distributed.fsdp.fully_shard       reduce-scatter, divide factor 1  dcp/ (torch.distributed.checkpoint)
 zero2/3   deepspeed.initialize (ZeRO stage 2 / 3)  DeepSpeed's, loss x world_size   zero/ (engine.save_checkpoint)
 
+What every backend wraps is the `PolicyScorer` around the model (`hadw_trainer.logprobs`): its forward runs the
+transformer body and the LM head's from-hidden log-probs / policy loss together, so the head runs inside the
+wrapper's forward: DDP's reducer is prepared for its gradients, FSDP2 has the root's parameters (embeddings, head)
+unsharded, and ZeRO-3 gathers the head's weight, registered as an external parameter of the scorer, in the forward
+and again for the backward. The ZeRO checkpoints therefore hold the scorer's parameter names ("model.<HF name>");
+every other format stores the HF model's own names.
+
 Every rank's loss is divided by the normaliser summed over all ranks and micro-batches, so the right cross-rank
 reduction is a SUM. DDP and FSDP2 are told so directly (a SUM comm hook; a gradient divide factor of 1);
 DeepSpeed always averages over data-parallel ranks, so its backward runs on `loss * world_size` (a power of two
@@ -37,6 +44,7 @@ from typing import Any
 import torch
 
 from hadw_trainer.config import JobConfig
+from hadw_trainer.logprobs import PolicyScorer
 from hadw_trainer.parallel import process_group as dist
 
 DEEPSPEED_HINT = "parallel.backend=zero2/zero3 needs DeepSpeed: pip install 'hadw-kernels[train]' (deepspeed==0.19.8)"
@@ -65,7 +73,8 @@ class Parallel:
                  rollout_module: torch.nn.Module) -> None:
         self.backend = backend
         self.model = model
-        """What training forwards run through (DDP wrapper, FSDP2 module, DeepSpeed engine, or the model)."""
+        """What training forwards run through: the `PolicyScorer` of the policy, or its DDP wrapper, FSDP2-sharded
+        self or DeepSpeed engine (called as in `hadw_trainer.logprobs`)."""
         self.module = module
         """The underlying transformers model (sharded for fsdp2 / zero3)."""
         self.optimizer = optimizer
@@ -80,13 +89,14 @@ class Parallel:
         """Wrap `model` (already identical on every rank) and build AdamW for `cfg.parallel.backend`."""
         backend, o = cfg.parallel.backend, cfg.optim
         adam = dict(lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        scorer = PolicyScorer(model)
         if backend == "single":
-            return cls(backend, model, model, torch.optim.AdamW(model.parameters(), **adam), model)
+            return cls(backend, scorer, model, torch.optim.AdamW(model.parameters(), **adam), model)
         if backend == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
-            ddp = DistributedDataParallel(model, device_ids=ids)
+            ddp = DistributedDataParallel(scorer, device_ids=ids)
             ddp.register_comm_hook(None, _sum_hook)
             return cls(backend, ddp, model, torch.optim.AdamW(ddp.parameters(), **adam), model)
         replica = copy.deepcopy(model) if backend in ("fsdp2", "zero3") else model
@@ -95,12 +105,12 @@ class Parallel:
 
             for layer in model.base_model.layers:  # one all-gather per decoder block; embeddings/head in the root
                 fully_shard(layer)
-            fully_shard(model)
-            for m in model.modules():  # each fully_shard call has its own setting
+            fully_shard(scorer)  # the root: its forward (body + head) is where the root's parameters are unsharded
+            for m in scorer.modules():  # each fully_shard call has its own setting
                 if isinstance(m, FSDPModule):
                     m.set_gradient_divide_factor(1.0)  # SUM over ranks (see the module docstring), as a plain
                     m.set_force_sum_reduction_for_comms(True)  # SUM collective: gloo has no PREMUL_SUM / AVG
-            return cls(backend, model, model, torch.optim.AdamW(model.parameters(), **adam), replica)
+            return cls(backend, scorer, model, torch.optim.AdamW(model.parameters(), **adam), replica)
         deepspeed = _import_deepspeed()
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -123,8 +133,12 @@ class Parallel:
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
         }
         adamw = torch.optim.AdamW(model.parameters(), **adam)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=ds_config)
-        return cls(backend, engine, engine.module, optimizer, replica)
+        engine, optimizer, _, _ = deepspeed.initialize(model=scorer, optimizer=adamw, config=ds_config)
+        if backend == "zero3":
+            # the scorer's forward reads the head's weight without calling the head (`hadw_kernels` takes the
+            # weight): registered, ZeRO-3 gathers it around the scorer's forward and again before its backward
+            deepspeed.zero.register_external_parameter(scorer, scorer.head_weight())
+        return cls(backend, engine, model, optimizer, replica)
 
     # -- one optimizer step ---------------------------------------------------------------------------------------
     def zero_grad(self) -> None:
