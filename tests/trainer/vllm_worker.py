@@ -58,7 +58,7 @@ def check_invariants(gen: Generation, prompts: list[str], n: int, tok, eos: int,
 
 def max_logprob_diff(model, gen: Generation, temperature: float) -> float:
     with torch.no_grad():
-        ref = response_logprobs(model, ResponseRows.of(gen, slice(None)), temperature)
+        ref, _ = response_logprobs(model, ResponseRows.of(gen, slice(None)), temperature)
     return (ref - gen.sampling_logprobs[:, :ref.shape[1]]).abs().max().item()
 
 
@@ -118,7 +118,7 @@ def main() -> None:
     # 2. change the HF weights (a few SGD steps raising the log-prob of the sampled responses)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):
-        lp = response_logprobs(model, ResponseRows.of(gen, slice(None)), TEMP)
+        lp, _ = response_logprobs(model, ResponseRows.of(gen, slice(None)), TEMP)
         opt.zero_grad()
         (-lp.sum() / gen.response_mask.sum()).backward()
         opt.step()
