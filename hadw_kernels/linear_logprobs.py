@@ -39,7 +39,8 @@ DEFAULT_MEMORY_BUDGET = {"cpu": 128 * 2**20, "cuda": 2**30}
 """Bytes of chunk temporaries (a chunk's logits, then their gradient) per call, by device type (others: the CPU's).
 CPU: 128 MiB is a chunk of 220 tokens over a 151,936-token vocabulary (one fp32 logit = 4 bytes on the torch path).
 At 4k tokens (H = 256) 256 MiB measured 410 MB peak against Liger's 341 MB for ~6% less time than 128 MiB (10.2 vs
-10.9 s of CPU time at 2k tokens); 128 MiB keeps the peak (the LM head's fp32 gradient + one chunk) under Liger's.
+10.9 s of CPU time at 2k tokens); 128 MiB keeps the peak (the LM head's fp32 gradient + one chunk) under Liger's:
+281 MiB (148 + 127.5) against 357 MiB at 4k tokens, each in a fresh process (bench/RESULTS.md).
 CUDA: 1 GiB is ~1,180 tokens in the one-pass bf16 layout (6 bytes a logit), wide enough for cuBLAS. Both are far
 below the 9.7 GB of fp32 logits of 16k tokens."""
 MIN_CHUNK_TOKENS = 64
