@@ -189,7 +189,6 @@ class _LossWithGradients(torch.autograd.Function):
         return None, *out, None, None, None
 
 
-@torch.compiler.disable
 def hadw_policy_loss_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -236,6 +235,30 @@ def hadw_policy_loss_from_hidden(
         ...                                    normalizer=total_tokens)
         >>> out.loss.backward()
     """
+    args = (hidden, weight, target_ids, old_logprobs, advantages, mask)
+    kwargs = dict(bias=bias, temperature=temperature, config=config, ref_logprobs=ref_logprobs,
+                  rollout_is_weights=rollout_is_weights, normalizer=normalizer, token_rows=token_rows,
+                  memory_budget=memory_budget, backend=backend, loss_backend=loss_backend)
+    if compiling():  # under a caller's torch.compile: a graph break, then eager (chunk loop, data-dependent shapes)
+        return _eager_entry()(*args, **kwargs)
+    return _loss_from_hidden(*args, **kwargs)
+
+
+_EAGER_ENTRY: list = []
+
+
+def _eager_entry():
+    """`_loss_from_hidden` behind torch.compiler.disable, made on first use under a compile: the decorator imports
+    torch._dynamo, and that imports triton, which `import hadw_kernels` must not."""
+    if not _EAGER_ENTRY:
+        _EAGER_ENTRY.append(torch.compiler.disable(_loss_from_hidden))
+    return _EAGER_ENTRY[0]
+
+
+def _loss_from_hidden(hidden, weight, target_ids, old_logprobs, advantages, mask, *, bias, temperature, config,
+                      ref_logprobs, rollout_is_weights, normalizer, token_rows, memory_budget, backend,
+                      loss_backend) -> HiddenLossOutput:
+    """`hadw_policy_loss_from_hidden` (its arguments, all given)."""
     inv_t = _check_head(hidden, weight, target_ids, bias, temperature)
     config = check_config(config)
     check_backend(backend, LOGPROB_BACKENDS)

@@ -6,6 +6,9 @@ bad input; the custom op (opcheck, fullgraph compile); chunk temporaries within 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -750,6 +753,15 @@ def test_fused_linear_logprobs_compiles_fullgraph():
     assert torch.equal(got, want)
     for a, b in zip(g_got, g_want, strict=True):
         assert torch.equal(a, b)
+
+
+def test_import_does_not_load_triton():
+    """`import hadw_kernels` stays free of triton: the loss's graph break under a caller's compile
+    (torch.compiler.disable, which imports torch._dynamo and with it triton) is made on first use, not at import."""
+    code = "import sys, hadw_kernels; print(sorted(m for m in ('triton',) if m in sys.modules))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_loss_under_a_callers_compile_runs_eagerly():
