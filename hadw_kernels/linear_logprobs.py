@@ -452,8 +452,9 @@ def _fused_linear_logprobs_backward_op(
     _backward(ops, tok, weight, bias, inv_temperature, ChunkPlan(chunk_tokens, vocab_block), lse, entropy,
               grad_logp.to(compute), g_ent, grads)
     dh, dw, db = grads.results(weight, bias)
-    empty = hidden.new_empty(0)
-    return (empty if dh is None else dh), (empty if dw is None else dw), (empty if db is None else db)
+    # one empty tensor per gradient not asked for: returns of a custom op must not alias each other (a shared one
+    # failed torch's aliasing check whenever two gradients were not needed, e.g. a frozen LM head without bias)
+    return tuple(hidden.new_empty(0) if t is None else t for t in (dh, dw, db))
 
 
 @_fused_linear_logprobs_backward_op.register_fake

@@ -406,6 +406,29 @@ def test_only_what_requires_grad(strategy):
     assert_close(out.loss, ref.loss, 1e-12, "loss without grad")
 
 
+@pytest.mark.parametrize("frozen", ["head", "hidden"])
+@pytest.mark.parametrize("path", ["logprobs", "two-pass"])
+def test_frozen_head_or_hidden_through_the_custom_op(frozen, path, strategy):
+    """The custom op's backward with only some gradients wanted (a frozen LM head without bias, as with LoRA; or a
+    frozen backbone): the gradients that are wanted match the reference (its unused returns once aliased one empty
+    tensor, which torch's custom-op check rejected)."""
+    c = make_case(seed=33, bias=False, masked_rows=())
+    (c["weight"] if frozen == "head" else c["hidden"]).requires_grad_(False)
+    leaf = c["hidden"] if frozen == "head" else c["weight"]
+    cfg = LossConfig.gspo(clip_low=0.5, clip_high=1.0)
+    if path == "logprobs":
+        lp, ent = fused_linear_logprobs(c["hidden"], c["weight"], c["ids"], mask=c["mask"])
+        rlp, rent = reference(c["hidden"], c["weight"], None, c["ids"], c["mask"])
+        got, want = (lp + 0.3 * ent).sum(), (rlp + 0.3 * rent).sum()
+    else:  # GSPO with rows longer than a chunk: two passes, the backward through the custom op
+        got = ours(c, cfg, memory_budget=budget_for(2, 150)).loss
+        want = reference_loss(c, cfg)[0].loss
+        assert not strategy
+    (g,) = torch.autograd.grad(got, leaf)
+    (w,) = torch.autograd.grad(want, leaf)
+    assert_close(g, w, 1e-11, f"grad {'hidden' if frozen == 'head' else 'weight'}")
+
+
 def test_loss_fp32_against_float64(strategy):
     cfg = LossConfig.dapo()
     c = make_case(dtype=torch.float32, H=32, V=300, seed=15)
@@ -726,12 +749,24 @@ def test_compiled_chunk_reductions(monkeypatch):
 
 
 # -- the custom op ------------------------------------------------------------------------------------------------
-def test_opcheck():
+@pytest.mark.parametrize("rows", ["all", "index"])
+def test_opcheck(rows):
+    """Both custom ops (forward and backward), over all rows and over a subset of rows (index)."""
     c = make_case(N=2, T=3, H=4, V=20, seed=25, masked_rows=(), dtype=torch.float32)
     h = c["hidden"].detach().nan_to_num().reshape(6, 4).requires_grad_()
-    args = (h, c["weight"], c["bias"], c["ids"].clamp(min=0).reshape(6), None, 1.25, 4, 8, "torch")
+    index = None if rows == "all" else torch.tensor([0, 2, 3, 5])
+    ids = c["ids"].clamp(min=0).reshape(6)
+    ids = ids if index is None else ids[index]
+    args = (h, c["weight"], c["bias"], ids, index, 1.25, 4, 8, "torch")
     torch.library.opcheck(ll._fused_linear_logprobs_op, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    _, ent, lse = ll._fused_linear_logprobs_op(*args)
+    g = torch.randn(ids.shape)
+    for needs in ([True, True, True], [True, False, False]):
+        back = (g, 0.5 * g, h.detach(), c["weight"].detach(), c["bias"].detach(), ids, index, lse, ent, 1.25, 4, 8,
+                "torch", needs)
+        torch.library.opcheck(ll._fused_linear_logprobs_backward_op, back, test_utils=("test_schema",
+                                                                                        "test_faketensor"))
 
 
 def test_fused_linear_logprobs_compiles_fullgraph():
