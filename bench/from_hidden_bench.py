@@ -86,18 +86,19 @@ def make_inputs(n: int, t: int, h: int, dtype: torch.dtype = torch.float32, devi
     if kl:
         raise ValueError("the from_hidden benchmark has no KL variant")
     dev = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, t, h, generator=gen)
-    weight = torch.randn(VOCAB, h, generator=gen) * (2.0 / h**0.5)
-    ids = torch.randint(0, VOCAB, (n, t), generator=gen)
-    hidden, weight = hidden.to(dev, dtype), weight.to(dev, dtype)
-    ids = ids.to(dev)
+    # drawn on the device: on a GPU the [V, H] head (389M values at H = 2560) would take seconds of the GPU check on
+    # one CPU thread; the batch therefore differs between devices (not between runs)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    hidden = torch.randn(n, t, h, generator=gen, device=dev)
+    weight = torch.randn(VOCAB, h, generator=gen, device=dev) * (2.0 / h**0.5)
+    ids = torch.randint(0, VOCAB, (n, t), generator=gen, device=dev)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     with torch.no_grad():
         lp = fused_linear_logprobs(hidden, weight, ids).logprobs
-    old = lp.float() + 0.1 * torch.randn(n, t, generator=gen).to(dev)
+    old = lp.float() + 0.1 * torch.randn(n, t, generator=gen, device=dev)
     g = max(d for d in range(1, 9) if n % d == 0)
-    rewards = (torch.rand(n, generator=gen) < 0.5).float()
-    first = torch.arange(0, n, g)
+    rewards = (torch.rand(n, generator=gen, device=dev) < 0.5).float()
+    first = torch.arange(0, n, g, device=dev)
     same = rewards.view(-1, g).amin(1) == rewards.view(-1, g).amax(1)
     rewards[first[same]] = 1.0 - rewards[first[same]]  # no degenerate group: every row has a learning signal
     config = LossConfig.preset(preset)
