@@ -25,7 +25,7 @@ from typing import Any
 from hadw_kernels import DifficultyAnchor, LossConfig
 
 LOSS_PRESETS = ("grpo", "dapo", "gspo", "dr_grpo")
-LOSS_BACKENDS = ("auto", "torch", "compiled", "triton")
+LOSS_BACKENDS = ("auto", "torch", "compiled", "triton", "native")
 TASKS = ("arith", "jsonl")
 REWARDS = ("last_value", "exact", "math_verify")
 ARCHS = ("qwen2", "llama")
@@ -185,7 +185,8 @@ class AlgoConfig:
     """Prompts' worth of rows per forward/backward on one rank (gradient accumulation; the loss does not depend
     on it)."""
     backend: str = "auto"
-    """`hadw_policy_loss` backend: auto | torch | compiled | triton (the library's default: auto)."""
+    """`hadw_policy_loss` backend: auto | torch | compiled | triton | native (the library's default: auto, which
+    runs the native CPU kernel on CPU tensors where it is built)."""
 
     def loss_config(self) -> LossConfig:
         """The `LossConfig` this run trains with (raises ValueError naming a bad field or value)."""

@@ -49,11 +49,10 @@ def tiny_arith(loss: str = "grpo", hadw: bool = True) -> JobConfig:
         sft=SFTConfig(steps=300, batch_size=128, lr=3e-3, seed=0),
         # 64 prompts x 8 per step and one AdamW update per step at lr 1e-4. Measured on the base model over 50-100
         # steps: lr 2e-4 and above, or 4 smaller updates per step, lose accuracy (the updates are noise-dominated);
-        # 5e-5 barely moves. The loss backend is eager: torch.compile costs ~23 s once plus recompiles per response
-        # length, for a loss that takes ~2 ms eager at these sizes.
+        # 5e-5 barely moves.
         rollout=RolloutConfig(prompts_per_step=64, group_size=8, max_new_tokens=12, temperature=1.0),
         algo=AlgoConfig(preset=loss, loss={} if hadw else {"hadw": False}, mini_batch_prompts=64,
-                        micro_batch_prompts=16, backend="torch"),
+                        micro_batch_prompts=16),
         optim=OptimConfig(lr=1e-4, weight_decay=0.1, warmup_steps=10, grad_clip=1.0),
         eval=EvalConfig(every=25, k=8, temperature=1.0, greedy=True),
         checkpoint=CheckpointConfig(every=50, keep_last=2),
@@ -97,7 +96,7 @@ def math_sample() -> JobConfig:
     cfg.task.path = shipped_math_sample()
     cfg.rollout = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=32)
     cfg.parallel = ParallelConfig()
-    cfg.algo = AlgoConfig(preset="grpo", mini_batch_prompts=4, micro_batch_prompts=2, backend="torch")
+    cfg.algo = AlgoConfig(preset="grpo", mini_batch_prompts=4, micro_batch_prompts=2)
     cfg.optim = OptimConfig(lr=1e-5, warmup_steps=0)
     cfg.eval = EvalConfig(every=0, k=0, greedy=True, batch_prompts=16)
     cfg.checkpoint = CheckpointConfig(every=0, keep_last=1)
