@@ -149,6 +149,42 @@ def test_arith_levels(level):
         assert all(0 <= int(t) <= 9 for t in totals)
 
 
+@pytest.mark.parametrize("level", ARITH_LEVELS)
+def test_slipped_solution(level):
+    """One total off by one, the totals after it computed from the wrong value, every total within 0-9: the answer
+    is wrong and the slip sits at various positions."""
+    rng = random.Random(level)
+    positions = set()
+    for _ in range(200):
+        p = ArithTask.problem(rng, level)
+        got = [int(t) for t in ArithTask.slipped_solution(p, rng).split(",")]
+        right = [int(t) for t in p.solution.split(",")]
+        assert len(got) == len(right) and all(0 <= t <= 9 for t in got)
+        k = next(i for i in range(len(right)) if got[i] != right[i])  # the slip
+        delta = got[k] - right[k]
+        assert abs(delta) == 1 and all(g - r == delta for g, r in zip(got[k:], right[k:], strict=True))
+        positions.add(k)
+    assert len(positions) == level + 1  # every step can slip
+
+
+def test_warmup_batch_slips():
+    """The warm-up imitates slipped solutions at the configured rate (and never with slip 0)."""
+    from hadw_trainer.model import char_tokenizer
+    from hadw_trainer.sft import _batch
+
+    tok, task = char_tokenizer(), ArithTask()
+
+    def wrong_frac(slip):
+        rng = random.Random(0)
+        probs = task.sample(random.Random(0), 400)  # the problems _batch draws first with the same rng state
+        ids, mask = _batch(tok, task, rng, 400, "{question}=", slip)
+        texts = [tok.decode(r[m.bool()][:-1]) for r, m in zip(ids, mask, strict=True)]
+        return sum(t != p.solution for t, p in zip(texts, probs, strict=True)) / len(texts)
+
+    assert wrong_frac(0.0) == 0.0
+    assert 0.2 < wrong_frac(0.3) < 0.4
+
+
 def test_eval_set_fixed_distinct_and_held_out():
     task = ArithTask()
     a, b = task.eval_set(50, seed=7), task.eval_set(50, seed=7)
@@ -267,3 +303,29 @@ def test_step_sums_reduce_weighted_means_and_totals():
     got = s.reduce()
     assert got["clipfrac"] == pytest.approx((5 + 3) / 40) and got["tokens"] == 40
     assert got["empty"] != got["empty"] and list(got) == ["clipfrac", "empty", "tokens"]
+
+
+def test_compare_summary_pairs_by_seed():
+    """The comparison table: mean ± sd [min, max] per label, the gain over the base and the degenerate fraction, and
+    each label's differences to the first one paired by seed (hand-computed numbers)."""
+    from hadw_trainer.observe.plots import summary
+
+    def run(seed, finals, base=0.4, degen=(0.2, 0.4)):
+        ev = {"overall": finals[-1], "level_1": finals[0]}
+        return {"config": {"train": {"seed": seed}}, "metrics": [{"degenerate_group_frac": d} for d in degen],
+                "eval": {"base": {"avg@8": {"overall": base}}, "final": {"avg@8": ev}}, "dir": f"s{seed}"}
+
+    groups = {"GRPO": [run(0, (0.5, 0.5)), run(1, (0.7, 0.6))],
+              "HA-DW": [run(1, (0.6, 0.7)), run(0, (0.5, 0.6), degen=(0.1, 0.1))]}
+    lines = summary(groups, "avg@8", ["level_1", "overall"])
+    grpo, hadw = lines[2].split("|"), lines[3].split("|")
+    assert grpo[2].split() == ["0.600", "±", "0.141", "[0.500,0.700]"]  # L1 0.5, 0.7
+    assert grpo[4].split() == ["0.150", "±", "0.071", "[0.100,0.200]"]  # gain 0.1, 0.2
+    assert grpo[5].split() == ["0.300", "±", "0.000", "[0.300,0.300]"]  # degenerate 0.3, 0.3
+    assert hadw[5].split() == ["0.200", "±", "0.141", "[0.100,0.300]"]
+    # HA-DW - GRPO by seed: seed 1 (L1 -0.1, overall +0.1), seed 0 (L1 0, overall +0.1)
+    assert "(2 pairs)" in lines[4] and "L1 -0.050 ± 0.071" in lines[4] and "overall +0.100 ± 0.000" in lines[4]
+    assert lines[5].split(": ", 1)[1] == "1: +0.100, 0: +0.100"
+    # two runs of one label with the same seed cannot be paired
+    groups["HA-DW"].append(run(0, (0.5, 0.5)))
+    assert "not paired" in summary(groups, "avg@8", ["level_1", "overall"])[-1]

@@ -110,6 +110,9 @@ class SFTConfig:
     """Peak learning rate (linear warm-up for 5% of steps, then cosine to 10%)."""
     seed: int = 0
     """Seed of the warm-up (fixed by default so every RL seed starts from the same base model)."""
+    slip: float = 0.0
+    """'arith': the fraction of worked solutions the warm-up imitates that carry one slip (a running total off by
+    one, the rest computed from it: `ArithTask.slipped_solution`), so the base model makes such slips too."""
     cache_dir: str | None = None
     """Where base models are cached by config hash; None = $HADW_CACHE or ~/.cache/hadw_trainer."""
 

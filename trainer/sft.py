@@ -37,16 +37,20 @@ def base_model_key(cfg: JobConfig) -> str:
     blob = dict(v=SFT_VERSION, arch=m.arch, hidden=m.hidden_size, layers=m.num_layers, heads=m.num_heads,
                 inter=m.intermediate_size, maxpos=m.max_position_embeddings, dtype=m.dtype,
                 levels=list(cfg.task.levels), held_out=[cfg.task.eval_per_level, cfg.task.eval_seed],
-                template=cfg.task.prompt_template, steps=s.steps, bs=s.batch_size, lr=s.lr, seed=s.seed)
+                template=cfg.task.prompt_template, steps=s.steps, bs=s.batch_size, lr=s.lr, seed=s.seed,
+                **({'slip': s.slip} if s.slip else {}))
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _batch(tok: Any, task: ArithTask, rng: random.Random, n: int, template: str) -> tuple[torch.Tensor, ...]:
-    """Right-padded [prompt solution <eos>] rows and a mask over the solution + EOS tokens (the supervised part)."""
+def _batch(tok: Any, task: ArithTask, rng: random.Random, n: int, template: str,
+           slip: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """Right-padded [prompt solution <eos>] rows and a mask over the solution + EOS tokens (the supervised part);
+    a `slip` fraction of the solutions carries one slip (`ArithTask.slipped_solution`)."""
     rows, masks = [], []
     for p in task.sample(rng, n):
         prompt = tok(template.replace("{question}", p.question), add_special_tokens=False).input_ids
-        answer = tok(p.solution or p.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        text = task.slipped_solution(p, rng) if slip and rng.random() < slip else (p.solution or p.answer)
+        answer = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
         rows.append(prompt + answer)
         masks.append([0] * len(prompt) + [1] * len(answer))
     width = max(map(len, rows))
@@ -83,7 +87,7 @@ def warmup(cfg: JobConfig, log: Any = print) -> str:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         losses = []
         for i in range(s.steps):
-            ids, mask = _batch(tok, task, rng, s.batch_size, cfg.task.prompt_template)
+            ids, mask = _batch(tok, task, rng, s.batch_size, cfg.task.prompt_template, s.slip)
             logits = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), use_cache=False).logits
             lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             m = mask[:, 1:].float()

@@ -65,6 +65,26 @@ class ArithTask:
             totals.append(str(total))
         return Problem(question=text, answer=totals[-1], level=level, solution=",".join(totals))
 
+    @staticmethod
+    def slipped_solution(problem: Problem, rng: random.Random) -> str:
+        """A worked solution with one slip, as a sloppy student writes it: one running total off by one, and the
+        totals after it computed correctly from the wrong value (so the answer is wrong). The slip's position and
+        sign are drawn among those that keep every total within 0-9 (the last total always has one)."""
+        q = problem.question
+        start, steps = int(q[0]), [(q[i], int(q[i + 1])) for i in range(1, len(q), 2)]
+
+        def totals(slip_at: int, delta: int) -> list[int]:
+            out, t = [], start
+            for k, (op, n) in enumerate(steps):
+                t = t + n if op == "+" else t - n
+                t += delta if k == slip_at else 0
+                out.append(t)
+            return out
+
+        options = [totals(k, d) for k in range(len(steps)) for d in (-1, 1)]
+        options = [v for v in options if all(0 <= x <= 9 for x in v)]
+        return ",".join(map(str, rng.choice(options)))
+
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
         out = []
         while len(out) < n:

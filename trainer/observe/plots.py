@@ -1,13 +1,16 @@
 """Plots of one run (OUTPUT/plots/) and side-by-side comparisons of several runs (`hadw-train compare`).
 
 Runs are grouped by label: the recipe name plus whether HA-DW was on, read from each run's config.json, unless
-labels are given. Each group shows its mean over runs (seeds) and the min-max spread.
+labels are given. Each group shows its mean over runs (seeds), the standard deviation and the min-max spread; runs
+of different labels that share a seed (`train.seed`) are paired, and the table gives each label's per-seed
+difference to the first label.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections import defaultdict
 from typing import Any
 
@@ -110,9 +113,65 @@ def default_label(run: dict[str, Any]) -> str:
     return f"{name}+HA-DW" if algo.get("loss", {}).get("hadw", True) else name  # the library's default: on
 
 
+def _seed(run: dict[str, Any]) -> Any:
+    return ((run["config"] or {}).get("train") or {}).get("seed")
+
+
+def _ms(xs: list[float], sign: str = "+") -> str:
+    """mean ± sample standard deviation (± 0 for one value)."""
+    return f"{statistics.fmean(xs):{sign}.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+
+def summary(groups: dict[str, list[dict]], mode: str, levels: list[str]) -> list[str]:
+    """The comparison as text: per label the base and final accuracy per level (mean ± sd [min, max] over its runs),
+    the gain (final - base, overall) and the mean fraction of degenerate groups per step; then, for every label
+    after the first, its per-seed differences to the first label on the seeds both have (paired runs)."""
+    names = ["base", *(lv.replace("level_", "L") for lv in levels), "gain", "degenerate"]
+    lines = [f"{mode} held-out accuracy after RL: mean ± sd [min, max] over runs",
+             f"{'run':>16} {'n':>2} | " + " | ".join(f"{c:>25}" for c in names)]
+
+    def cell(xs: list[float]) -> str:
+        return f"{_ms(xs, '')} [{min(xs):.3f},{max(xs):.3f}]"
+
+    for label, grp in groups.items():
+        grp = [r for r in grp if r["eval"]]
+        if not grp:
+            continue
+        cols = [[r["eval"]["base"][mode]["overall"] for r in grp]]
+        cols += [[r["eval"]["final"][mode][lv] for r in grp] for lv in levels]
+        cols.append([r["eval"]["final"][mode]["overall"] - r["eval"]["base"][mode]["overall"] for r in grp])
+        degen = [statistics.fmean(m["degenerate_group_frac"] for m in r["metrics"]) for r in grp if r["metrics"]]
+        cells = [cell(c) for c in cols] + [cell(degen) if degen else "-"]
+        lines.append(f"{label:>16} {len(grp):>2} | " + " | ".join(f"{c:>25}" for c in cells))
+    labels = list(groups)
+    if len(labels) < 2:
+        return lines
+    first = [r for r in groups[labels[0]] if r["eval"]]
+    ref = {_seed(r): r for r in first}
+    for label in labels[1:]:
+        runs = [r for r in groups[label] if r["eval"]]
+        seeds = [_seed(r) for r in runs]
+        if len(set(seeds)) != len(seeds) or len(ref) != len(first):
+            lines.append(f"{label} - {labels[0]}: not paired (a label has two runs with the same seed)")
+            continue
+        pairs = [(r, ref[_seed(r)]) for r in runs if _seed(r) in ref and _seed(r) is not None]
+        if not pairs:
+            lines.append(f"{label} - {labels[0]}: no shared seeds to pair")
+            continue
+        diffs = [[a["eval"]["final"][mode][lv] - b["eval"]["final"][mode][lv] for a, b in pairs] for lv in levels]
+        lines.append(f"{label} - {labels[0]}, paired by seed ({len(pairs)} pairs), mean ± sd of the differences: "
+                     + ", ".join(f"{lv.replace('level_', 'L')} {_ms(d)}" for lv, d in zip(levels, diffs,
+                                                                                         strict=True)))
+        if "overall" in levels:
+            overall = diffs[levels.index("overall")]
+            lines.append("    overall by seed: " + ", ".join(f"{_seed(a)}: {d:+.3f}"
+                                                              for (a, _), d in zip(pairs, overall, strict=True)))
+    return lines
+
+
 def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode: str | None = None) -> str:
     """Plot runs side by side: final accuracy per level (mean and min-max over runs of a label) and the overall
-    accuracy curve. Returns a text table of the same numbers."""
+    accuracy curve. Returns the text of `summary` (the same numbers, their sd and the paired differences)."""
     plt = _plt()
     runs = [read_run(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
@@ -129,12 +188,9 @@ def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode
     levels = _levels(with_eval[0], mode)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.3))
     width = 0.8 / max(1, len(groups))
-    lines = [f"{mode} accuracy, mean [min, max] over runs"]
-    lines.append(f"{'run':>16} {'n':>2} | " + " | ".join(f"{lv.replace('level_', 'L'):>19}" for lv in
-                                                        ["base"] + levels))
+    lines = summary(groups, mode, levels)
     for gi, (label, grp) in enumerate(groups.items()):
         finals = [[r["eval"]["final"][mode][lv] for lv in levels] for r in grp if r["eval"]]
-        base = [r["eval"]["base"][mode]["overall"] for r in grp if r["eval"]]
         means = [sum(c) / len(c) for c in zip(*finals, strict=True)]
         lo = [min(c) for c in zip(*finals, strict=True)]
         hi = [max(c) for c in zip(*finals, strict=True)]
@@ -142,9 +198,6 @@ def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode
         ax1.bar(xs, means, width, label=f"{label} (n={len(grp)})",
                 yerr=[[m - a for m, a in zip(means, lo, strict=True)], [b - m for m, b in zip(means, hi, strict=True)]],
                 capsize=3)
-        cells = [f"{sum(base) / len(base):.3f} [{min(base):.3f},{max(base):.3f}]"]
-        cells += [f"{m:.3f} [{a:.3f},{b:.3f}]" for m, a, b in zip(means, lo, hi, strict=True)]
-        lines.append(f"{label:>16} {len(grp):>2} | " + " | ".join(f"{c:>19}" for c in cells))
         curves = [[(h["step"], h[mode]["overall"]) for h in r["eval"]["history"] if mode in h] for r in grp]
         steps = [s for s, _ in curves[0]]
         ys = [[c[i][1] for c in curves if i < len(c)] for i in range(len(steps))]
