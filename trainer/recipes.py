@@ -36,27 +36,28 @@ PAPER_PROMPT = "{question}. Let's think step by step and output the final answer
 
 
 def tiny_arith(loss: str = "grpo", hadw: bool = True) -> JobConfig:
-    """The main job: a few minutes on 2 CPU cores (the warm-up once, then 150 RL steps)."""
+    """The main job: ~5 minutes on 2 CPU cores (the warm-up once, then 120 RL steps)."""
     return JobConfig(
         recipe="tiny-arith",
         model=ModelConfig(arch="qwen2", hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
                           max_position_embeddings=64),
         task=TaskConfig(name="arith", levels=(1, 2, 3, 4, 5), eval_per_level=100, prompt_template="{question}=",
                         reward="last_value"),
-        # 300 steps leave held-out greedy accuracy 0.94 / 0.82 / 0.65 / 0.59 / 0.44 on levels 1-5 and avg@8 (sampled
-        # at temperature 1) 0.72 / 0.63 / 0.56 / 0.46 / 0.41: every level is reachable and ~90% of groups of 8 mix
-        # right and wrong answers, which is where RL can teach (docs/results.md)
-        sft=SFTConfig(steps=300, batch_size=128, lr=3e-3, seed=0),
-        # 64 prompts x 8 per step and one AdamW update per step at lr 1e-4. Measured on the base model over 50-100
-        # steps: lr 2e-4 and above, or 4 smaller updates per step, lose accuracy (the updates are noise-dominated);
-        # 5e-5 barely moves.
+        # A sloppy teacher: half the worked solutions the warm-up imitates carry one slip (a running total off by
+        # one), so the base model knows every step but slips under sampling, on every level: held-out greedy ~0.56,
+        # avg@8 ~0.40, and about 20% of groups of 8 all-equal. Sampled slips are what RL can teach away
+        # (docs/results.md). Without slips the base is sharper (greedy 0.69, avg@8 0.56) and RL barely moves it.
+        sft=SFTConfig(steps=300, batch_size=128, lr=3e-3, seed=0, slip=0.5),
+        # 64 prompts x 8 per step and one AdamW update per step at lr 1e-4 after 3 warm-up steps. Measured over 40-120
+        # steps: lr 2e-4 and above drop greedy accuracy in the first 20-40 steps or collapse later (the updates are
+        # noise-dominated); 32 prompts per step learns as fast per sample but less steadily; 5e-5 barely moves.
         rollout=RolloutConfig(prompts_per_step=64, group_size=8, max_new_tokens=12, temperature=1.0),
         algo=AlgoConfig(preset=loss, loss={} if hadw else {"hadw": False}, mini_batch_prompts=64,
                         micro_batch_prompts=16),
-        optim=OptimConfig(lr=1e-4, weight_decay=0.1, warmup_steps=10, grad_clip=1.0),
-        eval=EvalConfig(every=25, k=8, temperature=1.0, greedy=True),
-        checkpoint=CheckpointConfig(every=50, keep_last=2),
-        train=TrainConfig(max_steps=150, seed=0, threads=2),
+        optim=OptimConfig(lr=1e-4, weight_decay=0.1, warmup_steps=3, grad_clip=1.0),
+        eval=EvalConfig(every=30, k=8, temperature=1.0, greedy=True),
+        checkpoint=CheckpointConfig(every=40, keep_last=2),
+        train=TrainConfig(max_steps=120, seed=0, threads=2),
     )
 
 
