@@ -310,22 +310,27 @@ def test_compare_summary_pairs_by_seed():
     each label's differences to the first one paired by seed (hand-computed numbers)."""
     from hadw_trainer.observe.plots import summary
 
-    def run(seed, finals, base=0.4, degen=(0.2, 0.4)):
+    def run(seed, finals, base=0.4, degen=(0.2, 0.4), step=120):
         ev = {"overall": finals[-1], "level_1": finals[0]}
         return {"config": {"train": {"seed": seed}}, "metrics": [{"degenerate_group_frac": d} for d in degen],
-                "eval": {"base": {"avg@8": {"overall": base}}, "final": {"avg@8": ev}}, "dir": f"s{seed}"}
+                "eval": {"base": {"avg@8": {"overall": base}}, "final": {"step": step, "avg@8": ev}}, "dir": f"s{seed}"}
 
     groups = {"GRPO": [run(0, (0.5, 0.5)), run(1, (0.7, 0.6))],
               "HA-DW": [run(1, (0.6, 0.7)), run(0, (0.5, 0.6), degen=(0.1, 0.1))]}
     lines = summary(groups, "avg@8", ["level_1", "overall"])
-    grpo, hadw = lines[2].split("|"), lines[3].split("|")
-    assert grpo[2].split() == ["0.600", "±", "0.141", "[0.500,0.700]"]  # L1 0.5, 0.7
-    assert grpo[4].split() == ["0.150", "±", "0.071", "[0.100,0.200]"]  # gain 0.1, 0.2
-    assert grpo[5].split() == ["0.300", "±", "0.000", "[0.300,0.300]"]  # degenerate 0.3, 0.3
-    assert hadw[5].split() == ["0.200", "±", "0.141", "[0.100,0.300]"]
+    assert [c.strip() for c in lines[1].split("|")[1:]] == ["GRPO (n=2)", "HA-DW (n=2)"]
+    table = {ln.split("|")[0].strip(): [c.split() for c in ln.split("|")[1:]] for ln in lines[2:7]}
+    assert table["L1"][0] == ["0.600", "±", "0.141", "[0.500,0.700]"]  # GRPO L1: 0.5, 0.7
+    assert table["gain"][0] == ["0.150", "±", "0.071", "[0.100,0.200]"]  # 0.1, 0.2
+    assert table["degenerate"] == [["0.300", "±", "0.000", "[0.300,0.300]"], ["0.200", "±", "0.141", "[0.100,0.300]"]]
+    assert table["base"][1] == ["0.400", "±", "0.000", "[0.400,0.400]"]
     # HA-DW - GRPO by seed: seed 1 (L1 -0.1, overall +0.1), seed 0 (L1 0, overall +0.1)
-    assert "(2 pairs)" in lines[4] and "L1 -0.050 ± 0.071" in lines[4] and "overall +0.100 ± 0.000" in lines[4]
-    assert lines[5].split(": ", 1)[1] == "1: +0.100, 0: +0.100"
-    # two runs of one label with the same seed cannot be paired
-    groups["HA-DW"].append(run(0, (0.5, 0.5)))
-    assert "not paired" in summary(groups, "avg@8", ["level_1", "overall"])[-1]
+    assert "HA-DW - GRPO (2 pairs)" in lines[8]
+    assert lines[9].split("|")[1].split() == ["-0.050", "±", "0.071"]  # L1
+    assert lines[10].split("|")[1].split() == ["+0.100", "±", "0.000"]  # overall
+    assert lines[11].endswith("overall by seed: 1: +0.100, 0: +0.100")
+    # two runs of one label with the same seed cannot be paired; an unfinished run is pointed out
+    groups["HA-DW"].append(run(0, (0.5, 0.5), step=90))
+    lines = summary(groups, "avg@8", ["level_1", "overall"])
+    assert lines[-1] == "HA-DW - GRPO: not paired (a label has two runs with the same seed)"
+    assert lines[-2] == "note: the runs end at different steps [90, 120] (unfinished runs?)"

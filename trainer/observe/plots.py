@@ -126,28 +126,34 @@ def summary(groups: dict[str, list[dict]], mode: str, levels: list[str]) -> list
     """The comparison as text: per label the base and final accuracy per level (mean ± sd [min, max] over its runs),
     the gain (final - base, overall) and the mean fraction of degenerate groups per step; then, for every label
     after the first, its per-seed differences to the first label on the seeds both have (paired runs)."""
-    names = ["base", *(lv.replace("level_", "L") for lv in levels), "gain", "degenerate"]
-    lines = [f"{mode} held-out accuracy after RL: mean ± sd [min, max] over runs",
-             f"{'run':>16} {'n':>2} | " + " | ".join(f"{c:>25}" for c in names)]
-
-    def cell(xs: list[float]) -> str:
-        return f"{_ms(xs, '')} [{min(xs):.3f},{max(xs):.3f}]"
-
+    columns: dict[str, dict[str, list[float]]] = {}  # label -> row name -> one value per run
     for label, grp in groups.items():
         grp = [r for r in grp if r["eval"]]
         if not grp:
             continue
-        cols = [[r["eval"]["base"][mode]["overall"] for r in grp]]
-        cols += [[r["eval"]["final"][mode][lv] for r in grp] for lv in levels]
-        cols.append([r["eval"]["final"][mode]["overall"] - r["eval"]["base"][mode]["overall"] for r in grp])
-        degen = [statistics.fmean(m["degenerate_group_frac"] for m in r["metrics"]) for r in grp if r["metrics"]]
-        cells = [cell(c) for c in cols] + [cell(degen) if degen else "-"]
-        lines.append(f"{label:>16} {len(grp):>2} | " + " | ".join(f"{c:>25}" for c in cells))
+        col = {"base": [r["eval"]["base"][mode]["overall"] for r in grp]}
+        col.update({lv.replace("level_", "L"): [r["eval"]["final"][mode][lv] for r in grp] for lv in levels})
+        col["gain"] = [r["eval"]["final"][mode]["overall"] - r["eval"]["base"][mode]["overall"] for r in grp]
+        col["degenerate"] = [statistics.fmean(m["degenerate_group_frac"] for m in r["metrics"])
+                             for r in grp if r["metrics"]]
+        columns[f"{label} (n={len(grp)})"] = col
+    lines = [f"{mode} held-out accuracy: base model and after RL, mean ± sd [min, max] over runs; gain = final - "
+             "base (overall); degenerate = mean fraction of all-equal groups per step",
+             f"{'':>10} | " + " | ".join(f"{name:>27}" for name in columns)]
+    for row in ["base", *(lv.replace("level_", "L") for lv in levels), "gain", "degenerate"]:
+        cells = [f"{_ms(col[row], '')} [{min(col[row]):.3f},{max(col[row]):.3f}]" if col.get(row) else "-"
+                 for col in columns.values()]
+        lines.append(f"{row:>10} | " + " | ".join(f"{c:>27}" for c in cells))
+    ends = sorted({r["eval"]["final"].get("step") for grp in groups.values() for r in grp if r["eval"]} - {None})
+    if len(ends) > 1:
+        lines.append(f"note: the runs end at different steps {ends} (unfinished runs?)")
     labels = list(groups)
     if len(labels) < 2:
         return lines
     first = [r for r in groups[labels[0]] if r["eval"]]
     ref = {_seed(r): r for r in first}
+    paired: dict[str, list[list[float]]] = {}  # column -> per level, one difference per shared seed
+    by_seed = []
     for label in labels[1:]:
         runs = [r for r in groups[label] if r["eval"]]
         seeds = [_seed(r) for r in runs]
@@ -158,14 +164,20 @@ def summary(groups: dict[str, list[dict]], mode: str, levels: list[str]) -> list
         if not pairs:
             lines.append(f"{label} - {labels[0]}: no shared seeds to pair")
             continue
-        diffs = [[a["eval"]["final"][mode][lv] - b["eval"]["final"][mode][lv] for a, b in pairs] for lv in levels]
-        lines.append(f"{label} - {labels[0]}, paired by seed ({len(pairs)} pairs), mean ± sd of the differences: "
-                     + ", ".join(f"{lv.replace('level_', 'L')} {_ms(d)}" for lv, d in zip(levels, diffs,
-                                                                                         strict=True)))
+        name = f"{label} - {labels[0]} ({len(pairs)} pairs)"
+        paired[name] = [[a["eval"]["final"][mode][lv] - b["eval"]["final"][mode][lv] for a, b in pairs]
+                        for lv in levels]
         if "overall" in levels:
-            overall = diffs[levels.index("overall")]
-            lines.append("    overall by seed: " + ", ".join(f"{_seed(a)}: {d:+.3f}"
-                                                              for (a, _), d in zip(pairs, overall, strict=True)))
+            by_seed.append(f"{name}, overall by seed: " + ", ".join(
+                f"{_seed(a)}: {d:+.3f}" for (a, _), d in zip(pairs, paired[name][levels.index("overall")],
+                                                              strict=True)))
+    if paired:
+        lines.append("paired by seed: mean ± sd of the per-seed differences of the final accuracy")
+        lines.append(f"{'':>10} | " + " | ".join(f"{name:>27}" for name in paired))
+        for k, lv in enumerate(levels):
+            lines.append(f"{lv.replace('level_', 'L'):>10} | " + " | ".join(f"{_ms(d[k]):>27}"
+                                                                             for d in paired.values()))
+        lines += by_seed
     return lines
 
 
