@@ -334,3 +334,19 @@ def test_compare_summary_pairs_by_seed():
     lines = summary(groups, "avg@8", ["level_1", "overall"])
     assert lines[-1] == "HA-DW - GRPO: not paired (a label has two runs with the same seed)"
     assert lines[-2] == "note: the runs end at different steps [90, 120] (unfinished runs?)"
+
+
+def test_compare_groups_runs_by_label_and_learning_rate():
+    """Default labels: the preset, +HA-DW when on, and the learning rate where runs of one label differ in it."""
+    from hadw_trainer.observe.plots import group_runs
+
+    def run(hadw, lr, seed):
+        return {"config": {"algo": {"preset": "grpo", "loss": {"hadw": hadw}}, "optim": {"lr": lr},
+                           "train": {"seed": seed}}, "dir": f"r{seed}"}
+
+    runs = [run(False, 1e-4, 0), run(True, 1e-4, 0), run(False, 1.3e-4, 0), run(False, 1e-4, 1), run(True, 1e-4, 1)]
+    groups = group_runs(runs)
+    assert {k: [r["config"]["train"]["seed"] for r in v] for k, v in groups.items()} == {
+        "GRPO, lr 0.0001": [0, 1], "GRPO+HA-DW": [0, 1], "GRPO, lr 0.00013": [0]}
+    assert list(group_runs(runs, ["a", "b", "a", "a", "b"])) == ["a", "b"]
+    assert list(group_runs(runs[:2])) == ["GRPO", "GRPO+HA-DW"]

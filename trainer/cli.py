@@ -55,7 +55,8 @@ def _compare(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="hadw-train compare", description="Plot runs side by side (mean and min-max "
                                 "over runs that share a label, e.g. seeds).")
     p.add_argument("runs", nargs="+", help="run output directories")
-    p.add_argument("--labels", nargs="+", help="one label per run (default: loss preset +HA-DW from config.json)")
+    p.add_argument("--labels", nargs="+", help="one label per run (default: loss preset +HA-DW from config.json, "
+                   "plus the learning rate where runs of one preset differ in it)")
     p.add_argument("--out", default="compare.png", help="plot file (default compare.png)")
     p.add_argument("--mode", help="eval mode to compare: greedy or avg@k (default: avg@k when present)")
     args = p.parse_args(argv)

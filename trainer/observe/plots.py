@@ -113,6 +113,27 @@ def default_label(run: dict[str, Any]) -> str:
     return f"{name}+HA-DW" if algo.get("loss", {}).get("hadw", True) else name  # the library's default: on
 
 
+def _lr(run: dict[str, Any]) -> Any:
+    return ((run["config"] or {}).get("optim") or {}).get("lr")
+
+
+def group_runs(runs: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Runs by label, in order of first appearance: the given labels, else `default_label`, with the learning rate
+    appended where runs of one default label differ in it (e.g. GRPO at lr x1.3 as its own arm)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    if labels is not None:
+        for label, run in zip(labels, runs, strict=True):
+            groups[label].append(run)
+        return groups
+    lrs: dict[str, set] = defaultdict(set)
+    for run in runs:
+        lrs[default_label(run)].add(_lr(run))
+    for run in runs:
+        label, lr = default_label(run), _lr(run)
+        groups[f"{label}, lr {lr:g}" if len(lrs[label]) > 1 and isinstance(lr, float | int) else label].append(run)
+    return groups
+
+
 def _seed(run: dict[str, Any]) -> Any:
     return ((run["config"] or {}).get("train") or {}).get("seed")
 
@@ -188,9 +209,7 @@ def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode
     runs = [read_run(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"--labels has {len(labels)} names for {len(runs)} runs")
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for i, run in enumerate(runs):
-        groups[labels[i] if labels else default_label(run)].append(run)
+    groups = group_runs(runs, labels)
     with_eval = [r for r in runs if r["eval"]]
     if not with_eval:
         raise ValueError("none of the runs has an eval.json to compare")
