@@ -44,13 +44,13 @@ def tiny_arith(loss: str = "grpo", hadw: bool = True) -> JobConfig:
         task=TaskConfig(name="arith", levels=(1, 2, 3, 4, 5), eval_per_level=100, prompt_template="{question}=",
                         reward="last_value"),
         # A sloppy teacher: half the worked solutions the warm-up imitates carry one slip (a running total off by
-        # one), so the base model knows every step but slips under sampling, on every level: held-out greedy ~0.56,
-        # avg@8 ~0.40, and about 20% of groups of 8 all-equal. Sampled slips are what RL can teach away
+        # one), so the base model knows every step but slips under sampling, on every level: held-out greedy 0.55,
+        # avg@8 0.39, and about 20% of groups of 8 all-equal. Sampled slips are what RL can teach away
         # (docs/results.md). Without slips the base is sharper (greedy 0.69, avg@8 0.56) and RL barely moves it.
         sft=SFTConfig(steps=300, batch_size=128, lr=3e-3, seed=0, slip=0.5),
-        # 64 prompts x 8 per step and one AdamW update per step at lr 1e-4 after 3 warm-up steps. Measured over 40-120
-        # steps: lr 2e-4 and above drop greedy accuracy in the first 20-40 steps or collapse later (the updates are
-        # noise-dominated); 32 prompts per step learns as fast per sample but less steadily; 5e-5 barely moves.
+        # 64 prompts x 8 per step and one AdamW update per step at lr 1e-4 after 3 warm-up steps. Measured over 40-160
+        # steps (docs/results.md): lr 2e-4 and above drop greedy accuracy in the first 20-40 steps or collapse later
+        # (the updates are noise-dominated); 32 prompts per step learns as fast per sample but less steadily.
         rollout=RolloutConfig(prompts_per_step=64, group_size=8, max_new_tokens=12, temperature=1.0),
         algo=AlgoConfig(preset=loss, loss={} if hadw else {"hadw": False}, mini_batch_prompts=64,
                         micro_batch_prompts=16),
