@@ -167,6 +167,12 @@ def test_slipped_solution(level):
     assert len(positions) == level + 1  # every step can slip
 
 
+@pytest.mark.parametrize("slip", [-0.1, 1.5, float("nan")])
+def test_bad_slip_is_refused(slip):
+    with pytest.raises(ConfigError, match="sft.slip"):
+        apply_overrides(get_recipe("tiny-arith"), [f"sft.slip={slip}"]).validate()
+
+
 def test_warmup_batch_slips():
     """The warm-up imitates slipped solutions at the configured rate (and never with slip 0)."""
     from hadw_trainer.model import char_tokenizer

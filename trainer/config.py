@@ -393,6 +393,8 @@ class JobConfig:
             errs.append("sft.steps > 0 builds a base model from scratch; it needs model.path=None (the tiny model)")
         if self.sft.steps and t.name != "arith":
             errs.append("sft.steps > 0 (the warm-up) is only defined for task.name='arith'")
+        if not 0.0 <= self.sft.slip <= 1.0:
+            errs.append(f"sft.slip={self.sft.slip} must be a fraction in [0, 1] (of the warm-up's worked solutions)")
         # batch divisibility: rollout batch -> ranks -> mini-batches -> micro-batches
         if r.prompts_per_step % world_size:
             errs.append(f"rollout.prompts_per_step={r.prompts_per_step} is not divisible by world_size={world_size}")
