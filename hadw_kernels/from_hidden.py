@@ -23,6 +23,7 @@ as in `hadw_kernels.linear_logprobs`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -244,15 +245,11 @@ def hadw_policy_loss_from_hidden(
     return _loss_from_hidden(*args, **kwargs)
 
 
-_EAGER_ENTRY: list = []
-
-
+@functools.cache
 def _eager_entry():
     """`_loss_from_hidden` behind torch.compiler.disable, made on first use under a compile: the decorator imports
     torch._dynamo, and that imports triton, which `import hadw_kernels` must not."""
-    if not _EAGER_ENTRY:
-        _EAGER_ENTRY.append(torch.compiler.disable(_loss_from_hidden))
-    return _EAGER_ENTRY[0]
+    return torch.compiler.disable(_loss_from_hidden)
 
 
 def _loss_from_hidden(hidden, weight, target_ids, old_logprobs, advantages, mask, *, bias, temperature, config,

@@ -70,18 +70,9 @@ class ArithTask:
         """A worked solution with one slip, as a sloppy student writes it: one running total off by one, and the
         totals after it computed correctly from the wrong value (so the answer is wrong). The slip's position and
         sign are drawn among those that keep every total within 0-9 (the last total always has one)."""
-        q = problem.question
-        start, steps = int(q[0]), [(q[i], int(q[i + 1])) for i in range(1, len(q), 2)]
-
-        def totals(slip_at: int, delta: int) -> list[int]:
-            out, t = [], start
-            for k, (op, n) in enumerate(steps):
-                t = t + n if op == "+" else t - n
-                t += delta if k == slip_at else 0
-                out.append(t)
-            return out
-
-        options = [totals(k, d) for k in range(len(steps)) for d in (-1, 1)]
+        right = [int(t) for t in problem.solution.split(",")]
+        # a slip of `delta` at step k shifts that total and every later one by delta (the ops are additions)
+        options = [[t + delta * (i >= k) for i, t in enumerate(right)] for k in range(len(right)) for delta in (-1, 1)]
         options = [v for v in options if all(0 <= x <= 9 for x in v)]
         return ",".join(map(str, rng.choice(options)))
 
@@ -219,8 +210,9 @@ class PromptSource:
 def task_problems(task: Any, seed: int) -> tuple[PromptSource, list[Problem]]:
     """(the training prompt stream of run seed `seed`, the fixed held-out problems) for a `TaskConfig`."""
     if task.name == "arith":
-        evals = ArithTask(task.levels).eval_set(task.eval_per_level, task.eval_seed)
-        return PromptSource(seed, task=ArithTask(task.levels).holding_out(evals)), evals
+        arith = ArithTask(task.levels)
+        evals = arith.eval_set(task.eval_per_level, task.eval_seed)
+        return PromptSource(seed, task=arith.holding_out(evals)), evals
     train = load_jsonl(task.path)
     evals = load_jsonl(task.eval_path) if task.eval_path else train
     if task.eval_per_level:
