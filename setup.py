@@ -7,12 +7,14 @@ alone, so the list is computed here.
 The optional native CPU kernel (hadw_kernels/csrc: plain C++, no torch or Python headers) is built here as
 hadw_kernels/_hadw_cpu*.so and loaded with ctypes (hadw_kernels/ops/cpu_loss.py). It is optional: without a C++
 compiler the build only warns, and backend="auto" on CPU then uses torch.compile of the reference (with one
-warning at run time saying how to get the kernel).
+warning at run time saying how to get the kernel). It is built with OpenMP where the compiler has it (GCC: the
+kernel then runs on the libgomp.so.1 pool of torch's own ops), else without (threads of its own).
 """
 
 import sys
 
 from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 packages = find_packages(include=["hadw_kernels", "hadw_kernels.*"])
 packages += ["hadw_trainer"] + [f"hadw_trainer.{p}" for p in find_packages("trainer")]
@@ -31,4 +33,23 @@ native = Extension(
     optional=True,
 )
 
-setup(packages=packages, package_dir={"hadw_trainer": "trainer"}, ext_modules=[native])
+
+class BuildExt(build_ext):
+    """Builds the kernel with OpenMP, and again without it where the compiler has none (Apple's clang)."""
+
+    def build_extension(self, ext):
+        if not unix:
+            return super().build_extension(ext)
+        openmp = ext.extra_compile_args, ext.extra_link_args
+        ext.extra_compile_args, ext.extra_link_args = openmp[0] + ["-fopenmp"], openmp[1] + ["-fopenmp"]
+        try:
+            return super().build_extension(ext)
+        except Exception as e:  # CompileError / LinkError (setuptools' own or distutils')
+            print(f"warning: the native CPU kernel does not build with OpenMP ({e}); building it without "
+                  "(threads of its own)", file=sys.stderr)
+        ext.extra_compile_args, ext.extra_link_args = openmp
+        return super().build_extension(ext)
+
+
+setup(packages=packages, package_dir={"hadw_trainer": "trainer"}, ext_modules=[native],
+      cmdclass={"build_ext": BuildExt})

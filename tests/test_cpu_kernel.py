@@ -352,14 +352,23 @@ def small_chunks():
     cpu_loss.set_tuning()
 
 
+@pytest.fixture(params=["openmp", "own"])
+def threading_mode(request):
+    """Both sources of threads: torch's OpenMP pool (where the build has OpenMP) and the core's own threads."""
+    if cpu_loss.set_threading_mode(request.param) != request.param:
+        pytest.skip("the native CPU kernel was built without OpenMP")
+    yield request.param
+    cpu_loss.set_threading_mode()
+
+
 @pytest.mark.parametrize("preset", ["grpo", "gspo"])
-def test_threads_one_and_two_agree_bit_for_bit(small_chunks, preset):
+def test_threads_one_and_two_agree_bit_for_bit(small_chunks, threading_mode, preset):
     cfg = LossConfig.preset(preset, kl_coef=0.1, clip_ratio_c=3.0)
     batch = batch_for(8, 8, 37, seq=preset == "gspo", seed=15, with_ref=True)
     threads = torch.get_num_threads()
     outs = []
     try:
-        for n in (1, 2, 2):
+        for n in (1, 2, 2, 3):  # 3 threads on 2 cores: more threads than cores still splits the same chunks
             torch.set_num_threads(n)
             (loss, adv, phi, metrics), nonfinite = cpu_loss.loss_terms_with_checks(
                 batch["logprobs"], batch["old_logprobs"], batch["rewards"], batch["mask"], 8, ANCHOR, cfg,
@@ -371,6 +380,34 @@ def test_threads_one_and_two_agree_bit_for_bit(small_chunks, preset):
         for a, b in zip(outs[0], other, strict=True):
             assert torch.equal(a, b)
     check_loss_parity(batch, 8, cfg)  # many chunks, two threads: still the reference's values
+
+
+def test_threads_come_from_torchs_openmp_runtime():
+    """Where the build has OpenMP and torch runs on libgomp (Linux wheels), the kernel runs on torch's pool: the
+    process maps one OpenMP runtime, not a second one next to torch's."""
+    if cpu_loss.set_threading_mode("openmp") != "openmp":
+        pytest.skip("the native CPU kernel was built without OpenMP")
+    cpu_loss.set_threading_mode()
+    runtimes = cpu_loss._openmp_runtimes()
+    if not any("gomp" in r for r in runtimes):
+        pytest.skip(f"this torch does not run on libgomp ({sorted(runtimes)})")
+    assert len(runtimes) == 1, f"two OpenMP runtimes mapped: {sorted(runtimes)}"
+    assert cpu_loss.threading_mode() == "openmp"
+
+
+def test_another_openmp_runtime_keeps_the_kernel_on_its_own_threads(monkeypatch):
+    """Loading the core must not start a second OpenMP pool: where its load maps a runtime the process did not
+    have (a torch on LLVM's or Intel's OpenMP), the loader switches it to threads of its own."""
+    lib = cpu_loss._lib()
+    seen = iter([{"/x/libiomp5.so"}, {"/x/libiomp5.so", "/y/libgomp.so.1"}])
+    monkeypatch.setattr(cpu_loss, "_openmp_runtimes", lambda: next(seen))
+    try:
+        again, why = cpu_loss._load.__wrapped__()  # the same library (dlopen counts references)
+        assert why is None and again.default_threading == 0 and cpu_loss.threading_mode() == "own"
+    finally:
+        lib.hadw_cpu_threading(lib.default_threading)
+    with pytest.raises(ValueError, match="'own' or 'openmp'"):
+        cpu_loss.set_threading_mode("tbb")
 
 
 @pytest.mark.parametrize("preset", PRESETS)

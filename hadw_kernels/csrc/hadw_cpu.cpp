@@ -20,23 +20,32 @@
 // FMA with W = 8, the SSE2 baseline with W = 4) by inlining one template body into functions with different
 // `target` attributes; the CPU picks one at first use (__builtin_cpu_supports). Elsewhere the baseline (W = 4).
 //
-// Threads: std::thread, no OpenMP runtime (torch ships its own, and two OpenMP runtimes in a process fight). Extra
-// threads start only above a size where they pay, take chunks from a shared counter, and a thread the scheduler
-// has not started by the time the caller ran out of chunks is cancelled rather than waited for, so a loaded
-// machine never makes a call wait for a descheduled thread that has no work.
+// Threads: only above a size where they pay (smaller batches run serially, so they never wait on a descheduled
+// thread). Built with OpenMP (GCC's -fopenmp), the chunks run in a parallel region of the process's libgomp, the one
+// torch's own ops run on, so the kernel gets the workers that still spin after the previous torch op rather than
+// waiting for them to give up a core (measured: 1.65 vs 2.4 ms per 1M tokens on 2 cores after torch ops). Without
+// OpenMP, or where the process runs another OpenMP runtime (see hadw_cpu_threading), helper std::threads take
+// chunks from a shared counter, and a helper the scheduler has not started by the time the caller ran out of chunks
+// is cancelled rather than waited for.
 
 #include "hadw_cpu.h"
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define HADW_INLINE inline __attribute__((always_inline))
@@ -899,13 +908,62 @@ const Isa &isa() {
 }
 
 // -- threads ------------------------------------------------------------------------------------------------------
-// Measured on the 2 shared cores at a load of ~6 (one vs two threads, T = 256, min / median of 200 calls): 32K
-// tokens 43 / 55 vs 66 / 77 us, 128K 208 / 222 vs 167 / 251 us, 256K 425 / 452 vs 251 / 479 us, 1M 1.50 / 2.21
-// vs 1.22 / 2.43 ms: a second thread shortens the best case from ~128K tokens but, on a loaded machine, not the
-// median below ~1M. It starts from 2 x 256K tokens; below that the call runs serially (and a small batch can never
-// wait on a descheduled thread). Chunks of 16K tokens: ~20 us of work each.
+// When a second thread pays (2 cores, T = 256, fwd + bwd through hadw_loss right after a torch matmul, min / median
+// of 150 calls, one vs two threads; ~0.3 ms of each call is the Python around the kernel):
+// - on torch's OpenMP pool, quiet machine: 32K tokens 0.38 / 0.39 vs 0.35 / 0.37 ms, 128K 0.53 / 0.55 vs 0.44 /
+//   0.45, 256K 0.75 / 0.77 vs 0.56 / 0.58, 1M 2.0 / 2.1 vs 1.3 / 1.3: from ~64K tokens; a second thread starts
+//   from 2 x 64K;
+// - on threads of its own: 128K 0.53 / 0.55 vs 0.44 / 0.46 ms quiet but 0.58 / 0.62 right after torch ops (torch's
+//   workers still spin on the other core), 512K 1.17 / 1.21 vs 1.05 / 1.25: from 2 x 256K.
+// Below that a call runs serially, so a small batch never waits on a descheduled thread. Chunks of 16K tokens:
+// ~20 us of work each. Under load (two busy processes on the 2 cores) the stall back-off of parallel_chunks keeps
+// the median of two threads at that of one (e.g. 1M: 2.07 / 2.17 vs 2.06 / 2.19 ms; without it 1.26 / 5.6 ms).
 std::atomic<int64_t> g_chunk_tokens{16384};
-std::atomic<int64_t> g_min_tokens_per_thread{262144};
+std::atomic<int64_t> g_min_tokens_per_thread{0};  // 0: by where the threads come from (above)
+
+#ifdef _OPENMP
+std::atomic<int> g_openmp{1};
+#else
+std::atomic<int> g_openmp{0};
+#endif
+
+// How many threads a pass over `tokens` tokens gets (at most n_threads).
+int threads_for(int64_t tokens, int32_t n_threads) {
+    int64_t per_thread = g_min_tokens_per_thread.load();
+    if (per_thread <= 0) per_thread = g_openmp.load(std::memory_order_relaxed) ? 65536 : 262144;
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, tokens / per_thread)));
+}
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+#ifdef _OPENMP
+// Calls body(k) for every chunk k < n_chunks, on up to n_threads threads (the caller's included), on the OpenMP
+// runtime torch runs its own ops on (libgomp.so.1: the process has loaded torch's copy by the time this library is
+// loaded, and the loader reuses it, so there is one runtime and one pool of workers). Right after a torch op those
+// workers still spin, waiting for the next parallel region: this is that region, so the kernel starts on both cores
+// at once instead of waiting for the spinning worker to give its core up. A worker that starts late finds the
+// chunks taken and only joins the barrier.
+template <typename F>
+double openmp_chunks(int64_t n_chunks, int threads, const F &body) {
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> failed{false};  // an exception must not leave a parallel region
+    Clock::time_point done;
+#pragma omp parallel num_threads(threads)
+    {
+        try {
+            for (int64_t k; (k = next.fetch_add(1)) < n_chunks;) body(k);
+        } catch (...) {
+            failed.store(true);
+            next.store(n_chunks);
+        }
+        if (omp_get_thread_num() == 0) done = Clock::now();
+    }
+    const double waited = seconds_since(done);
+    if (failed.load()) throw std::bad_alloc();
+    return waited;
+}
+#endif
 
 struct Pool {  // shared with the helper threads; lives until the last of them lets go
     std::atomic<int64_t> next{0};
@@ -921,19 +979,15 @@ struct Pool {  // shared with the helper threads; lives until the last of them l
     }
 };
 
-// Calls body(k) for every chunk k < n_chunks, on up to n_threads threads (the caller's included).
+// Calls body(k) for every chunk k < n_chunks, on the caller's thread and `helpers` threads of this library's own
+// (a build without OpenMP, or a process whose torch runs on another OpenMP runtime than the one this library was
+// linked with, see hadw_cpu_threading).
 template <typename F>
-void parallel_chunks(int64_t n_chunks, int n_threads, const F &body) {
-    const int helpers = static_cast<int>(std::min<int64_t>(n_threads, n_chunks)) - 1;
-    if (helpers <= 0) {
-        for (int64_t k = 0; k < n_chunks; ++k) body(k);
-        return;
-    }
+double own_thread_chunks(int64_t n_chunks, int helpers, const F &body) {
     auto pool = std::make_shared<Pool>(helpers);
     pool->n_chunks = n_chunks;
     pool->body = &body;
     pool->call = [](const void *b, int64_t k) { (*static_cast<const F *>(b))(k); };
-    int started = 0;
     for (int h = 0; h < helpers; ++h) {
         try {
             std::thread([pool, h] {
@@ -942,12 +996,12 @@ void parallel_chunks(int64_t n_chunks, int n_threads, const F &body) {
                 pool->work();
                 pool->state[h].store(2, std::memory_order_release);
             }).detach();
-            ++started;
         } catch (...) {  // no thread to be had: the caller does the work
             pool->state[h].store(3);
         }
     }
     pool->work();
+    const Clock::time_point done = Clock::now();
     for (int h = 0; h < helpers; ++h) {
         int expected = 0;
         if (pool->state[h].compare_exchange_strong(expected, 3)) continue;  // never started: it will not
@@ -955,7 +1009,41 @@ void parallel_chunks(int64_t n_chunks, int n_threads, const F &body) {
             if (spin > 64) std::this_thread::yield();  // it holds a chunk: let it run
         }
     }
-    (void)started;
+    return seconds_since(done);
+}
+
+// Calls body(k) for every chunk k < n_chunks, on up to n_threads threads (the caller's included). A call whose
+// caller, out of chunks, then waited over STALL_SECONDS for another thread (one the scheduler took off its core:
+// the machine is loaded) makes the next calls serial: 8 of them, doubling with each stall in a row up to 1024,
+// and back to 8 after a parallel call without one. Results do not depend on it (chunk sums in chunk order).
+constexpr double STALL_SECONDS = 5e-4;  // a chunk takes ~20 us; the scheduler hands a core back after ~1-15 ms
+std::atomic<int64_t> g_serial_calls{0};  // calls still to run serially after a stall
+std::atomic<int64_t> g_backoff{8};       // how many the next stall makes serial
+
+template <typename F>
+void parallel_chunks(int64_t n_chunks, int n_threads, const F &body) {
+    int threads = static_cast<int>(std::min<int64_t>(n_threads, n_chunks));
+    if (threads > 1 && g_serial_calls.load(std::memory_order_relaxed) > 0) {
+        g_serial_calls.fetch_sub(1, std::memory_order_relaxed);
+        threads = 1;
+    }
+    if (threads <= 1) {
+        for (int64_t k = 0; k < n_chunks; ++k) body(k);
+        return;
+    }
+#ifdef _OPENMP
+    const double waited = g_openmp.load(std::memory_order_relaxed) ? openmp_chunks(n_chunks, threads, body)
+                                                                   : own_thread_chunks(n_chunks, threads - 1, body);
+#else
+    const double waited = own_thread_chunks(n_chunks, threads - 1, body);
+#endif
+    if (waited > STALL_SECONDS) {
+        const int64_t backoff = g_backoff.load(std::memory_order_relaxed);
+        g_serial_calls.store(backoff, std::memory_order_relaxed);
+        g_backoff.store(std::min<int64_t>(2 * backoff, 1024), std::memory_order_relaxed);
+    } else {
+        g_backoff.store(8, std::memory_order_relaxed);
+    }
 }
 
 bool float_dtype(int32_t d) { return d == HADW_F32 || d == HADW_F64 || d == HADW_F16 || d == HADW_BF16; }
@@ -1009,8 +1097,7 @@ HADW_EXPORT int hadw_cpu_policy_loss(int64_t N, int64_t T, const hadw_view *logp
     const int64_t chunk_tokens = std::max<int64_t>(1, g_chunk_tokens.load());
     const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_tokens / T);
     const int64_t n_chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-    const int64_t per_thread = std::max<int64_t>(1, g_min_tokens_per_thread.load());
-    const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, N * T / per_thread)));
+    const int threads = threads_for(N * T, n_threads);
     std::vector<double> partial(static_cast<size_t>(n_chunks * NUM_SLOTS), 0.0);
     const RowsFn rows = isa().rows;
     try {
@@ -1153,8 +1240,7 @@ HADW_EXPORT int hadw_cpu_scale_grad(int64_t N, int64_t T, const float *src, floa
     if (N * T == 0) return HADW_OK;
     const int64_t rows_per_chunk = std::max<int64_t>(1, 4 * g_chunk_tokens.load() / T);
     const int64_t n_chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-    const int64_t per_thread = std::max<int64_t>(1, 2 * g_min_tokens_per_thread.load());  // a lighter pass
-    const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, N * T / per_thread)));
+    const int threads = threads_for(N * T / 2, n_threads);  // a lighter pass
     const ScaleFn fn = isa().scale;
     parallel_chunks(n_chunks, threads, [&](int64_t k) {
         fn(T, src, scale, dst, dst_dtype, k * rows_per_chunk, std::min(N, (k + 1) * rows_per_chunk));
@@ -1164,7 +1250,9 @@ HADW_EXPORT int hadw_cpu_scale_grad(int64_t N, int64_t T, const float *src, floa
 
 HADW_EXPORT void hadw_cpu_set_tuning(int64_t chunk_tokens, int64_t min_tokens_per_thread) {
     g_chunk_tokens.store(chunk_tokens > 0 ? chunk_tokens : 16384);
-    g_min_tokens_per_thread.store(min_tokens_per_thread > 0 ? min_tokens_per_thread : 262144);
+    g_min_tokens_per_thread.store(std::max<int64_t>(min_tokens_per_thread, 0));
+    g_serial_calls.store(0);
+    g_backoff.store(8);
 }
 
 HADW_EXPORT const char *hadw_cpu_isa(void) { return isa().name; }
@@ -1176,6 +1264,15 @@ HADW_EXPORT const char *hadw_cpu_set_isa(const char *name) {
     if (name && std::strcmp(name, "avx2") == 0) p = &choices[1];
     g_isa.store(p, std::memory_order_release);
     return p->name;
+}
+
+HADW_EXPORT int hadw_cpu_threading(int use_openmp) {
+#ifdef _OPENMP
+    if (use_openmp >= 0) g_openmp.store(use_openmp != 0);
+#else
+    (void)use_openmp;
+#endif
+    return g_openmp.load();
 }
 
 HADW_EXPORT int hadw_cpu_abi_version(void) { return HADW_CPU_ABI_VERSION; }

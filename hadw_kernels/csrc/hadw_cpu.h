@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define HADW_CPU_ABI_VERSION 2
+#define HADW_CPU_ABI_VERSION 3
 
 /* dtype codes of a view (bool and uint8 share HADW_U8) */
 enum hadw_dtype {
@@ -109,7 +109,8 @@ int hadw_cpu_scale_grad(int64_t N, int64_t T, const float *src, float scale, voi
                         int32_t n_threads);
 
 /* Tuning, for tests: tokens per work chunk (results are bitwise reproducible for a fixed chunk size) and the
- * fewest tokens per thread before a second thread is used. Values <= 0 restore the defaults. */
+ * fewest tokens per thread before a second thread is used. Values <= 0 restore the defaults. Also clears the
+ * back-off after a stall (a call that waited on a descheduled thread makes the next ones serial). */
 void hadw_cpu_set_tuning(int64_t chunk_tokens, int64_t min_tokens_per_thread);
 
 /* The instruction set the kernels run with ("avx512", "avx2" or "default") and the ABI version. HADW_CPU_ISA in
@@ -119,6 +120,14 @@ const char *hadw_cpu_isa(void);
 /* Tests and comparisons: run with `name` ("default", "avx2"; NULL or anything else = the best this CPU has), or
  * the best below it where this CPU lacks it. Returns the name now in use. Not to be called during a computation. */
 const char *hadw_cpu_set_isa(const char *name);
+
+/* Where the threads come from: 1 = the OpenMP runtime this library was linked with (built with -fopenmp: the
+ * libgomp.so.1 of a Linux torch, so that the kernel runs on the workers torch's own ops run on), 0 = helper
+ * threads of this library's own (the only mode of a build without OpenMP; the loader chooses it where the process
+ * already ran another OpenMP runtime, so that two pools never compete for the cores). use_openmp < 0 only asks;
+ * 0 or 1 sets the mode (1 is ignored without OpenMP). Returns the mode in use. Not to be called during a
+ * computation. */
+int hadw_cpu_threading(int use_openmp);
 int hadw_cpu_abi_version(void);
 
 #ifdef __cplusplus

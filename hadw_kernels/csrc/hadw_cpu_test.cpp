@@ -178,7 +178,8 @@ int main() {
         near(f[2], 32760.0, 0, "fp32 scale");
     }
 
-    // 5. Threads 1 and 2 give the same bits (small chunks so that both threads get work).
+    // 5. Threads 1 and 2 give the same bits (small chunks so that both threads get work), on the library's own
+    // threads and, where built with it, on OpenMP's.
     {
         const int64_t N = 64, T = 97;
         std::vector<float> logp(N * T), old(N * T), adv(N), ref(N * T);
@@ -196,7 +197,11 @@ int main() {
         hadw_view rf = view(ref.data(), T, 1, HADW_F32), m = view(mask.data(), T, 1, HADW_U8);
         hadw_view a = view(adv.data(), 1, 0, HADW_F32), none = view(nullptr, 0, 0, 0);
         hadw_cpu_set_tuning(200, 400);
-        for (int seq = 0; seq < 2; ++seq) {
+        const int openmp = hadw_cpu_threading(-1);
+        std::printf("threads: %s\n", openmp ? "OpenMP, then own" : "own (built without OpenMP)");
+        for (int run = 0; run < 2 * (1 + openmp); ++run) {
+            const int seq = run % 2;
+            hadw_cpu_threading(run < 2 ? openmp : 0);
             hadw_loss_cfg c = grpo_cfg(HADW_SEQ_MEAN_TOKEN_MEAN);
             c.seq_ratio = seq;
             c.kl_estimator = 3;
@@ -212,6 +217,7 @@ int main() {
             check(std::memcmp(g1.data(), g2.data(), sizeof(float) * N * T) == 0, "threads 1 and 2: gradient");
             check(std::isfinite(o1.loss) && o1.kl[0] > 0, "finite loss, positive kl");
         }
+        hadw_cpu_threading(openmp);
         hadw_cpu_set_tuning(0, 0);
     }
 

@@ -25,6 +25,7 @@ import ctypes
 import functools
 import importlib.machinery
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from hadw_kernels.config import LossConfig
 from hadw_kernels.ops._config_json import config_from_json, config_to_json
 from hadw_kernels.reference import active_anchor, metric_names
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 OP_VERSION = 2
 """Passed to the custom ops, so that it is part of every graph a caller's torch.compile traces through them:
 torch's compile caches key on the graph, not on the ops' Python autograd, and reused code traced against the
@@ -85,6 +86,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if not found:
         where = os.environ.get(LIB_ENV) or f"hadw_kernels/_hadw_cpu{importlib.machinery.EXTENSION_SUFFIXES[0]}"
         return None, f"the native CPU kernel is not built ({where} not found)"
+    before = _openmp_runtimes()
     try:
         lib = ctypes.CDLL(str(found[0]))
         version = lib.hadw_cpu_abi_version()
@@ -104,7 +106,24 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.hadw_cpu_set_isa.restype = ctypes.c_char_p
     for fn in (lib.hadw_cpu_policy_loss, lib.hadw_cpu_advantages, lib.hadw_cpu_scale_grad):
         fn.restype = ctypes.c_int
+    lib.hadw_cpu_threading.argtypes = [ctypes.c_int]
+    if before and _openmp_runtimes() - before:
+        # This torch runs on another OpenMP runtime than the one the library brought in: two pools would compete
+        # for the cores, so the kernel keeps to threads of its own (same results, bit for bit).
+        lib.hadw_cpu_threading(0)
+    lib.default_threading = lib.hadw_cpu_threading(-1)  # what set_threading_mode(None) restores
     return lib, None
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes mapped into this process (libgomp, LLVM's libomp, Intel's libiomp5; empty where
+    /proc/self/maps is unreadable)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            files = {line.split(None, 5)[-1].strip() for line in maps if line.count(" ") >= 5}
+    except OSError:
+        return set()
+    return {f for f in files if re.match(r"lib(g|i|)omp[-.\d\w]*\.so", os.path.basename(f))}
 
 
 @torch.compiler.assume_constant_result  # a constant of the process: a caller's torch.compile reads it, not traces it
@@ -129,6 +148,22 @@ def set_isa(name: str | None = None) -> str:
     """Tests and comparisons: run the 'default' (no AVX) or 'avx2' code, or the best here (None); returns the one in
     use (the best below `name` where this CPU lacks it)."""
     return _lib().hadw_cpu_set_isa(name.encode() if name else None).decode()
+
+
+def threading_mode() -> str:
+    """The threads the core runs on: 'openmp' (the OpenMP runtime torch's own ops run on) or 'own' (helper threads
+    of its own: a build without OpenMP, or a torch on another OpenMP runtime)."""
+    return "openmp" if _lib().hadw_cpu_threading(-1) else "own"
+
+
+def set_threading_mode(name: str | None = None) -> str:
+    """Tests and comparisons: 'own' threads, or 'openmp' where built with it (None: back to the loader's choice);
+    returns the one in use."""
+    if name not in (None, "own", "openmp"):
+        raise ValueError(f"threading must be 'own' or 'openmp', got {name!r}")
+    lib = _lib()
+    lib.hadw_cpu_threading(lib.default_threading if name is None else int(name == "openmp"))
+    return threading_mode()
 
 
 def set_tuning(chunk_tokens: int = 0, min_tokens_per_thread: int = 0) -> None:
