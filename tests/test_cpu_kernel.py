@@ -8,6 +8,8 @@ backend="native" and "auto", the same errors as the torch backend, and the fallb
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -611,11 +613,25 @@ def test_native_backend_rejects_other_devices():
         cpu_loss._view(torch.zeros(2, 3, device="meta"))
 
 
+def test_an_eager_first_call_does_not_import_dynamo():
+    """The first call of an eager caller loads the kernel and nothing of torch.compile (importing torch._dynamo took
+    1.2 s here, most of a fresh process's first call)."""
+    code = ("import sys, torch; from hadw_kernels import hadw_loss; "
+            "lp = torch.randn(8, 5, requires_grad=True); "
+            "hadw_loss(lp, lp.detach(), torch.rand(8), torch.ones(8, 5), 4, anchor=0.5).loss.backward(); "
+            "from hadw_kernels.ops import cpu_loss; assert cpu_loss.unavailable_reason() is None; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_missing_kernel_falls_back_with_one_warning(monkeypatch):
     """Without the built library: backend="auto" warns once (saying how to build it) and computes the reference's
     values; backend="native" raises with the same hint."""
     monkeypatch.setenv("HADW_KERNELS_NO_COMPILE", "1")  # the fallback without a compile, to stay fast
     monkeypatch.setattr(cpu_loss, "_load", lambda: (None, "the native CPU kernel is not built (test)"))
+    monkeypatch.setattr(cpu_loss, "_UNAVAILABLE", "the native CPU kernel is not built (test)")
     monkeypatch.setattr(loss_module, "_NATIVE_WARNED", [])
     loss_module._native_fn.cache_clear()
     try:

@@ -126,10 +126,14 @@ def _openmp_runtimes() -> set[str]:
     return {f for f in files if re.match(r"lib(g|i|)omp[-.\d\w]*\.so", os.path.basename(f))}
 
 
-@torch.compiler.assume_constant_result  # a constant of the process: a caller's torch.compile reads it, not traces it
+_UNAVAILABLE = _load()[1]  # loaded with this module (a few ms), so that the check below is a constant
+
+
 def unavailable_reason() -> str | None:
-    """None where the core loads, else why not (for the fallback warning)."""
-    return _load()[1]
+    """None where the core loads, else why not (for the fallback warning). A plain read of a module constant, which
+    a caller's torch.compile folds (`torch.compiler.assume_constant_result` did the same but imports dynamo, 1.2 s,
+    on an eager caller's first call)."""
+    return _UNAVAILABLE
 
 
 def _lib() -> ctypes.CDLL:
