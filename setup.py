@@ -40,14 +40,14 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         if not unix:
             return super().build_extension(ext)
-        openmp = ext.extra_compile_args, ext.extra_link_args
-        ext.extra_compile_args, ext.extra_link_args = openmp[0] + ["-fopenmp"], openmp[1] + ["-fopenmp"]
+        plain = ext.extra_compile_args, ext.extra_link_args
+        ext.extra_compile_args, ext.extra_link_args = plain[0] + ["-fopenmp"], plain[1] + ["-fopenmp"]
         try:
             return super().build_extension(ext)
         except Exception as e:  # CompileError / LinkError (setuptools' own or distutils')
             print(f"warning: the native CPU kernel does not build with OpenMP ({e}); building it without "
                   "(threads of its own)", file=sys.stderr)
-        ext.extra_compile_args, ext.extra_link_args = openmp
+        ext.extra_compile_args, ext.extra_link_args = plain
         return super().build_extension(ext)
 
 

@@ -913,8 +913,8 @@ const Isa &isa() {
 // - on torch's OpenMP pool, quiet machine: 32K tokens 0.38 / 0.39 vs 0.35 / 0.37 ms, 128K 0.53 / 0.55 vs 0.44 /
 //   0.45, 256K 0.75 / 0.77 vs 0.56 / 0.58, 1M 2.0 / 2.1 vs 1.3 / 1.3: from ~64K tokens; a second thread starts
 //   from 2 x 64K;
-// - on threads of its own: 128K 0.53 / 0.55 vs 0.44 / 0.46 ms quiet but 0.58 / 0.62 right after torch ops (torch's
-//   workers still spin on the other core), 512K 1.17 / 1.21 vs 1.05 / 1.25: from 2 x 256K.
+// - on threads of its own (torch's workers still spin on the other core): 128K 0.53 / 0.56 vs 0.50-0.58 /
+//   0.59-0.62 ms, 512K 1.17 / 1.21 vs 1.05-1.09 / 1.25-1.27, 1M 2.03 / 2.09 vs 1.52-1.56 / 2.13-2.18: from 2 x 256K.
 // Below that a call runs serially, so a small batch never waits on a descheduled thread. Chunks of 16K tokens:
 // ~20 us of work each. Under load (two busy processes on the 2 cores) the stall back-off of parallel_chunks keeps
 // the median of two threads at that of one (e.g. 1M: 2.07 / 2.17 vs 2.06 / 2.19 ms; without it 1.26 / 5.6 ms).

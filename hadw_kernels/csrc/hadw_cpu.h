@@ -124,8 +124,8 @@ const char *hadw_cpu_set_isa(const char *name);
 /* Where the threads come from: 1 = the OpenMP runtime this library was linked with (built with -fopenmp: the
  * libgomp.so.1 of a Linux torch, so that the kernel runs on the workers torch's own ops run on), 0 = helper
  * threads of this library's own (the only mode of a build without OpenMP; the loader chooses it where the process
- * already ran another OpenMP runtime, so that two pools never compete for the cores). use_openmp < 0 only asks;
- * 0 or 1 sets the mode (1 is ignored without OpenMP). Returns the mode in use. Not to be called during a
+ * already had another OpenMP runtime loaded, so that two pools never compete for the cores). use_openmp < 0 only
+ * asks; 0 or 1 sets the mode (1 is ignored without OpenMP). Returns the mode in use. Not to be called during a
  * computation. */
 int hadw_cpu_threading(int use_openmp);
 int hadw_cpu_abi_version(void);
