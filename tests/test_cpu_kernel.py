@@ -397,6 +397,41 @@ def test_threads_come_from_torchs_openmp_runtime():
     assert cpu_loss.threading_mode() == "openmp"
 
 
+FORK_CHILD = """
+import os, signal, sys, time, torch
+from hadw_kernels import LossConfig
+from hadw_kernels.ops import cpu_loss
+torch.set_num_threads(2)
+N, T = 4096, 256  # 1M tokens: two threads
+lp = torch.randn(N, T) * 0.1 - 1
+args = (lp, lp + 0.05, (torch.rand(N) > 0.5).float(), torch.ones(N, T), 8, torch.tensor(0.5, dtype=torch.float64),
+        LossConfig.grpo())
+parent = cpu_loss.loss_terms_with_checks(*args)[0][0]
+pid = os.fork()
+if pid == 0:
+    child = cpu_loss.loss_terms_with_checks(*args)[0][0]
+    os._exit(0 if torch.equal(child, parent) and cpu_loss.threading_mode() == "own" else 3)
+for _ in range(600):
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.1)
+os.kill(pid, signal.SIGKILL)
+sys.exit(4)
+"""
+
+
+def test_a_forked_child_runs_the_kernel():
+    """libgomp's pool does not survive fork(): after the parent ran a parallel region, a child's region waits
+    forever for the parent's workers. A forked child runs the kernel on threads of its own, with the same result
+    (exit 4 = the child hung and was killed)."""
+    if cpu_loss.set_threading_mode("openmp") != "openmp":
+        pytest.skip("the native CPU kernel was built without OpenMP")
+    cpu_loss.set_threading_mode()
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+
+
 def test_another_openmp_runtime_keeps_the_kernel_on_its_own_threads(monkeypatch):
     """Loading the core must not start a second OpenMP pool: where its load maps a runtime the process did not
     have (a torch on LLVM's or Intel's OpenMP), the loader switches it to threads of its own."""

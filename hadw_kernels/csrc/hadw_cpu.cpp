@@ -45,6 +45,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -923,6 +926,12 @@ std::atomic<int64_t> g_min_tokens_per_thread{0};  // 0: by where the threads com
 
 #ifdef _OPENMP
 std::atomic<int> g_openmp{1};
+#if defined(__unix__) || defined(__APPLE__)
+// libgomp's pool does not survive fork(): a child that opens a parallel region after its parent did waits forever
+// for the parent's workers (torch's own ops too, unless the child calls torch.set_num_threads(1), as DataLoader
+// workers do). A forked child of this library therefore runs on threads of its own.
+const int g_fork_handler = pthread_atfork(nullptr, nullptr, [] { g_openmp.store(0); });
+#endif
 #else
 std::atomic<int> g_openmp{0};
 #endif
