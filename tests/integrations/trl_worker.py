@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import torch.distributed as dist
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 import trl_runs as R  # noqa: E402
@@ -23,6 +25,10 @@ def main(model_path: str, out: str) -> None:
               "records": records, "params_digest": hashlib.sha256(weights).hexdigest()}
     with open(os.path.join(out, f"rank{run.accelerator.process_index}.json"), "w") as f:
         json.dump(result, f)
+    # Accelerate leaves the gloo group to interpreter shutdown, where its worker threads can abort the exit
+    # ("terminate called without an active exception", seen once in CI; pytorch/pytorch#190489).
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
