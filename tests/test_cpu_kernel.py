@@ -354,6 +354,14 @@ def small_chunks():
     cpu_loss.set_tuning()
 
 
+def skip_without_openmp():
+    """Skips the test where the core was built without OpenMP (it then has threads of its own only)."""
+    built = cpu_loss.set_threading_mode("openmp") == "openmp"
+    cpu_loss.set_threading_mode()
+    if not built:
+        pytest.skip("the native CPU kernel was built without OpenMP")
+
+
 @pytest.fixture(params=["openmp", "own"])
 def threading_mode(request):
     """Both sources of threads: torch's OpenMP pool (where the build has OpenMP) and the core's own threads."""
@@ -387,9 +395,7 @@ def test_threads_one_and_two_agree_bit_for_bit(small_chunks, threading_mode, pre
 def test_threads_come_from_torchs_openmp_runtime():
     """Where the build has OpenMP and torch runs on libgomp (Linux wheels), the kernel runs on torch's pool: the
     process maps one OpenMP runtime, not a second one next to torch's."""
-    if cpu_loss.set_threading_mode("openmp") != "openmp":
-        pytest.skip("the native CPU kernel was built without OpenMP")
-    cpu_loss.set_threading_mode()
+    skip_without_openmp()
     runtimes = cpu_loss._openmp_runtimes()
     if not any("gomp" in r for r in runtimes):
         pytest.skip(f"this torch does not run on libgomp ({sorted(runtimes)})")
@@ -425,9 +431,7 @@ def test_a_forked_child_runs_the_kernel():
     """libgomp's pool does not survive fork(): after the parent ran a parallel region, a child's region waits
     forever for the parent's workers. A forked child runs the kernel on threads of its own, with the same result
     (exit 4 = the child hung and was killed)."""
-    if cpu_loss.set_threading_mode("openmp") != "openmp":
-        pytest.skip("the native CPU kernel was built without OpenMP")
-    cpu_loss.set_threading_mode()
+    skip_without_openmp()
     out = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
 
