@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -340,6 +341,33 @@ def test_compare_summary_pairs_by_seed():
     lines = summary(groups, "avg@8", ["level_1", "overall"])
     assert lines[-1] == "HA-DW - GRPO: not paired (a label has two runs with the same seed)"
     assert lines[-2] == "note: the runs end at different steps [90, 120] (unfinished runs?)"
+
+
+def test_compare_plots_runs_and_leaves_out_one_without_an_evaluation(tmp_path):
+    """`hadw-train compare` end to end on run directories; a run stopped before its first evaluation (metrics, no
+    eval.json) is left out of the plot as of the table, instead of failing."""
+    pytest.importorskip("matplotlib")
+    from hadw_trainer.observe.plots import compare
+
+    def write_run(name, seed, final, with_eval=True):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"algo": {"preset": "grpo"}, "train": {"seed": seed}}))
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "degenerate_group_frac": 0.25}) + "\n")
+        if with_eval:
+            ev = {"overall": final, "level_1": final}
+            (d / "eval.json").write_text(json.dumps({
+                "base": {"greedy": {"overall": 0.5, "level_1": 0.5}},
+                "final": {"step": 2, "greedy": ev},
+                "history": [{"step": 0, "greedy": {"overall": 0.5}}, {"step": 2, "greedy": ev}]}))
+        return str(d)
+
+    dirs = [write_run("a", 0, 0.6), write_run("b", 1, 0.8), write_run("c", 2, 0.0, with_eval=False)]
+    text = compare(dirs, str(tmp_path / "cmp.png"), mode="greedy")
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+    assert "GRPO+HA-DW (n=2)" in text.splitlines()[1]
+    gain = next(ln for ln in text.splitlines() if ln.strip().startswith("gain"))
+    assert gain.split("|")[1].split()[:3] == ["0.200", "±", "0.141"]  # 0.1 and 0.3 over the base 0.5
 
 
 def test_compare_groups_runs_by_label_and_learning_rate():

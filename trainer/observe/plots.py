@@ -209,10 +209,12 @@ def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode
     runs = [read_run(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"--labels has {len(labels)} names for {len(runs)} runs")
-    groups = group_runs(runs, labels)
     with_eval = [r for r in runs if r["eval"]]
     if not with_eval:
         raise ValueError("none of the runs has an eval.json to compare")
+    # a run stopped before its first evaluation has nothing to compare: left out, as `summary` leaves it out
+    groups = {label: grp for label, grp in ((label, [r for r in grp if r["eval"]])
+                                            for label, grp in group_runs(runs, labels).items()) if grp}
     if mode is None:
         avg = [x for x in with_eval[0]["eval"]["final"] if x.startswith("avg@")]
         mode = avg[0] if avg else "greedy"
@@ -221,7 +223,7 @@ def compare(run_dirs: list[str], out: str, labels: list[str] | None = None, mode
     width = 0.8 / max(1, len(groups))
     lines = summary(groups, mode, levels)
     for gi, (label, grp) in enumerate(groups.items()):
-        finals = [[r["eval"]["final"][mode][lv] for lv in levels] for r in grp if r["eval"]]
+        finals = [[r["eval"]["final"][mode][lv] for lv in levels] for r in grp]
         means = [sum(c) / len(c) for c in zip(*finals, strict=True)]
         lo = [min(c) for c in zip(*finals, strict=True)]
         hi = [max(c) for c in zip(*finals, strict=True)]
